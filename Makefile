@@ -1,0 +1,36 @@
+# StepX. `make demo` and `make test` set everything up on a fresh clone.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export TRANSFORMERS_VERBOSITY ?= error
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-fast bench lint model clean-store
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on local disk. An unpinned torch would pull CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/pytest -m "" -q
+
+test-fast: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+demo: setup
+	@echo "dashboard comes with issue 4; for now: $(BIN)/stepx generate 'a red circle on the left'"

@@ -1,0 +1,386 @@
+"""Read API over a StepX store: runs, tokens, word maps, self-attention, images and SQL.
+
+Torch-free and lock-free: listing and SQL go through an in-memory DuckDB whose views read the
+index segments named by `index/manifest.json` (re-read whenever it is replaced); maps and images
+come straight from each run's Parquet files by row group. The DuckDB connection can reach only the
+store's folders and its configuration is locked (see `open_sandboxed`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.heatmaps import aggregate_levels
+from schema import RUN_FILES, SCHEMA_VERSION, TABLES, SchemaVersionError, check_version
+from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, store_root
+from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
+
+GLOBAL = "Global"
+ALL_LEVELS = None
+
+
+class StoreError(RuntimeError):
+    """A read that can't be answered, with a message meant for the user."""
+
+
+class RunNotFound(StoreError):
+    """No run with that id in the store."""
+
+
+class RunDataMissing(StoreError):
+    """The run is indexed but its files are gone or unreadable."""
+
+
+class WordNotFound(StoreError):
+    """The word is not in the run's prompt."""
+
+
+class QueryError(StoreError):
+    """A SQL query was refused or failed."""
+
+
+@dataclass
+class Results:
+    """One shape for every SQL answer."""
+
+    rows: list[tuple]
+    columns: list[str]
+    truncated: bool
+    elapsed_ms: float
+
+
+@dataclass
+class Word:
+    """A prompt word and the stored token positions it spans."""
+
+    word_index: int
+    word: str
+    token_indices: list[int]
+
+
+@dataclass
+class SelfAttention:
+    """A self-attention matrix: rows are query cells, columns key cells, both row-major on `grid`."""
+
+    grid: tuple[int, int]
+    matrix: np.ndarray  # (queries, keys) float32, rows sum to ~1
+    kind: str
+    step_index: int
+
+
+def open_sandboxed(root: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that may read only the store's runs and index folders, config locked."""
+    con = duckdb.connect(":memory:")
+    allowed = [str(runs_dir(root).resolve()) + "/", str(index_dir(root).resolve()) + "/"]
+    con.execute("SET allowed_directories = ?", [allowed])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+class Store:
+    """A read-only view of one store folder; safe to share across threads."""
+
+    def __init__(self, root: str | Path | None = None, cache_runs: int = 64) -> None:
+        self.root = store_root(root).resolve()
+        self._lock = threading.Lock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._manifest_key: tuple | None = None
+        self._manifest: dict = {}
+        self._files: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._cache_runs = cache_runs
+
+    # -- index and views ------------------------------------------------------------------
+    def _manifest_stat(self) -> tuple | None:
+        try:
+            st = (index_dir(self.root) / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _refresh(self) -> None:
+        key = self._manifest_stat()
+        if self._con is not None and key == self._manifest_key:
+            return
+        with self._lock:
+            key = self._manifest_stat()
+            if self._con is not None and key == self._manifest_key:
+                return
+            manifest = {}
+            if key is not None:
+                manifest = json.loads((index_dir(self.root) / MANIFEST).read_text())
+                check_version(
+                    {b"stepx.schema_version": manifest.get("schema_version", "0").encode()},
+                    where=f"the store {self.root}",
+                )
+            con = self._con or open_sandboxed(self.root)
+            segments = manifest.get("segments", {})
+            for table in ("runs", "tokens", "word_step_stats"):
+                files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
+                source = parquet_source(files) if files else empty_source(TABLES[table])
+                con.execute(view_sql(table, source))
+            has_runs = bool(manifest.get("run_ids"))
+            for table in ("cross_attention", "self_attention", "images"):
+                glob = str(runs_dir(self.root) / "*" / RUN_FILES[table])
+                con.execute(view_sql(table, parquet_source(glob) if has_runs else empty_source(TABLES[table])))
+            con.execute(view_sql("word_stats", WORD_STATS_SQL))
+            self._con, self._manifest, self._manifest_key = con, manifest, key
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB cursor over the current views (one per call; cursors aren't thread-safe)."""
+        self._refresh()
+        return self._con.cursor()
+
+    def bad_runs(self) -> dict[str, str]:
+        """Runs the index could not read, by id, with the reason."""
+        self._refresh()
+        return dict(self._manifest.get("bad_runs", {}))
+
+    def schema_version(self) -> str:
+        return SCHEMA_VERSION
+
+    # -- runs and tokens ------------------------------------------------------------------
+    def runs(
+        self,
+        text: str | None = None,
+        tag: str | None = None,
+        model: str | None = None,
+        gallery: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
+        """Runs, newest first, filtered by prompt text (case-insensitive), tag, model, gallery."""
+        sql = (
+            "SELECT run_id, created_at, prompt, negative_prompt, seed, steps, guidance, model_name, "
+            "width, height, tags, gallery FROM runs WHERE true"
+        )
+        params: list = []
+        if text:
+            sql += " AND contains(lower(prompt), lower(?))"
+            params.append(text)
+        if tag:
+            sql += " AND list_contains(tags, ?)"
+            params.append(tag)
+        if model:
+            sql += " AND model_name = ?"
+            params.append(model)
+        if gallery:
+            sql += " AND gallery = ?"
+            params.append(gallery)
+        sql += " ORDER BY created_at DESC, run_id DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        cur = self.cursor().execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def run(self, run_id: str) -> dict:
+        """All metadata of one run; RunNotFound when absent."""
+        cur = self.cursor().execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        row = cur.fetchone()
+        if row is None:
+            raise RunNotFound(f"no run {run_id!r} in the store {self.root}")
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def tokens(self, run_id: str) -> list[dict]:
+        """The run's tokens in order (start, word pieces, end)."""
+        cur = self.cursor().execute(
+            "SELECT * FROM tokens WHERE run_id = ? ORDER BY token_index", [run_id]
+        )
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        if not rows:
+            self.run(run_id)
+        return rows
+
+    def words(self, run_id: str) -> list[Word]:
+        """The prompt's words in order, multi-piece words merged."""
+        words: dict[int, Word] = {}
+        for t in self.tokens(run_id):
+            if t["kind"] == "word":
+                w = words.setdefault(t["word_index"], Word(t["word_index"], t["word"], []))
+                w.token_indices.append(t["token_index"])
+        return list(words.values())
+
+    def resolve_word(self, run_id: str, word: str | int) -> list[int]:
+        """Token indices of a word given as text (every occurrence), a word index, or Global."""
+        words = self.words(run_id)
+        if isinstance(word, str) and word == GLOBAL:
+            return [i for w in words for i in w.token_indices]
+        if isinstance(word, int | np.integer):
+            for w in words:
+                if w.word_index == word:
+                    return w.token_indices
+        else:
+            key = word.strip().casefold()
+            found = [i for w in words if w.word.casefold() == key for i in w.token_indices]
+            if found:
+                return found
+        listing = ", ".join(dict.fromkeys(w.word for w in words)) or "(none)"
+        raise WordNotFound(f"{word!r} is not a word of this prompt; its words are: {listing}")
+
+    # -- per-run files ------------------------------------------------------------------
+    def _file(self, run_id: str, table: str, key_columns: tuple[str, ...]) -> tuple:
+        """(ParquetFile, per-row-group key values) of a run's table, cached."""
+        cache_key = (run_id, table)
+        hit = self._files.get(cache_key)
+        if hit is not None:
+            self._files.move_to_end(cache_key)
+            return hit
+        path = run_dir(self.root, run_id) / RUN_FILES[table]
+        try:
+            pf = pq.ParquetFile(path)
+            check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
+            keys = pf.read(columns=list(key_columns)).to_pydict()
+        except SchemaVersionError:
+            raise
+        except FileNotFoundError as exc:
+            self.run(run_id)
+            raise RunDataMissing(f"run {run_id}: its {path.name} is missing from the store") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: {path.name} is unreadable ({exc})") from exc
+        groups: list[int] = []
+        for rg in range(pf.metadata.num_row_groups):
+            groups += [rg] * pf.metadata.row_group(rg).num_rows
+        entry = (pf, keys, groups)
+        with self._lock:
+            self._files[cache_key] = entry
+            while len(self._files) > self._cache_runs * 3:
+                self._files.popitem(last=False)
+        return entry
+
+    def _read_rows(self, run_id: str, table: str, keys: tuple[str, ...], want: object, columns: list[str]) -> pa.Table:
+        """Rows whose key columns satisfy `want(row_keys)`, reading only their row groups."""
+        pf, key_values, groups = self._file(run_id, table, keys)
+        n = len(groups)
+        rows = [i for i in range(n) if want(*(key_values[k][i] for k in keys))]
+        if not rows:
+            return pa.table({c: pa.array([], type=TABLES[table].field(c).type) for c in columns})
+        needed = sorted({groups[i] for i in rows})
+        try:
+            data = pf.read_row_groups(needed, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: {RUN_FILES[table]} is unreadable ({exc})") from exc
+        meta = pf.metadata
+        global_start = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        local_start, base = {}, 0
+        for g in needed:
+            local_start[g] = base
+            base += meta.row_group(g).num_rows
+        take = [local_start[groups[i]] + i - int(global_start[groups[i]]) for i in rows]
+        return data.take(pa.array(take))
+
+    def steps(self, run_id: str) -> list[int]:
+        """Step indices stored for the run."""
+        _, keys, _ = self._file(run_id, "cross_attention", ("step_index", "token_index", "level"))
+        return sorted(set(keys["step_index"]))
+
+    def cross_maps(
+        self,
+        run_id: str,
+        token_indices: list[int],
+        step: int | None = None,
+        levels: list[str] | None = ALL_LEVELS,
+    ) -> dict[str, np.ndarray]:
+        """level -> (steps, tokens, h, w) float32 maps for the given tokens; all steps when step=None."""
+        tokens = list(token_indices)
+        pos = {t: i for i, t in enumerate(tokens)}
+        table = self._read_rows(
+            run_id,
+            "cross_attention",
+            ("step_index", "token_index", "level"),
+            lambda s, t, lv: t in pos and (step is None or s == step) and (levels is None or lv in levels),
+            ["step_index", "token_index", "level", "level_height", "level_width", "map"],
+        )
+        if table.num_rows == 0:
+            if step is not None and step not in self.steps(run_id):
+                raise StoreError(f"run {run_id} has steps 0-{len(self.steps(run_id)) - 1}; no step {step}")
+            raise StoreError(f"run {run_id} has no maps for levels {levels}")
+        step_col = table.column("step_index").to_numpy()
+        tok_col = table.column("token_index").to_numpy()
+        lvl_col = np.asarray(table.column("level").to_pylist())
+        step_ids = sorted(set(step_col.tolist()))
+        step_pos = {s: i for i, s in enumerate(step_ids)}
+        out: dict[str, np.ndarray] = {}
+        maps_col = table.column("map").combine_chunks()
+        for level in dict.fromkeys(lvl_col.tolist()):
+            idx = np.flatnonzero(lvl_col == level)
+            h = int(table.column("level_height")[int(idx[0])].as_py())
+            w = int(table.column("level_width")[int(idx[0])].as_py())
+            flat = maps_col.take(pa.array(idx)).flatten().to_numpy(zero_copy_only=False)
+            arr = np.zeros((len(step_ids), len(tokens), h, w), dtype=np.float32)
+            arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(
+                len(idx), h, w
+            )
+            out[level] = arr
+        return out
+
+    def word_map(
+        self,
+        run_id: str,
+        word: str | int,
+        step: int | None = None,
+        levels: list[str] | None = ALL_LEVELS,
+    ) -> np.ndarray:
+        """DAAM map of a word (or Global) on the latent grid: token mean, level mean, step sum."""
+        run = self.run(run_id)
+        tokens = self.resolve_word(run_id, word)
+        maps = self.cross_maps(run_id, tokens, step, levels)
+        per_level = [m.mean(axis=1).sum(axis=0) for m in maps.values()]  # (h, w) each
+        return aggregate_levels(per_level, run["latent_height"], run["latent_width"])
+
+    def self_attention(self, run_id: str, step: int | None = None) -> SelfAttention:
+        """The step-aggregated self-attention (step=None) or one step's, dequantised."""
+        kind = "aggregate" if step is None else "step"
+        table = self._read_rows(
+            run_id,
+            "self_attention",
+            ("kind", "step_index"),
+            lambda k, s: k == kind and (step is None or s == step),
+            ["kind", "step_index", "grid_height", "grid_width", "row_scale", "values"],
+        )
+        if table.num_rows == 0:
+            raise StoreError(f"run {run_id} has no self-attention for {'all steps' if step is None else f'step {step}'}")
+        row = {c: table.column(c)[0].as_py() for c in ("grid_height", "grid_width", "step_index")}
+        grid = (row["grid_height"], row["grid_width"])
+        n = grid[0] * grid[1]
+        scale = table.column("row_scale")[0].values.to_numpy()
+        data = table.column("values")[0].as_buffer()
+        q = np.frombuffer(data, dtype=np.uint8).reshape(n, n).astype(np.float32)
+        return SelfAttention(grid, q * (scale[:, None] / 255.0), kind, row["step_index"])
+
+    def image(self, run_id: str, step: int | None = None) -> tuple[bytes, str]:
+        """(encoded bytes, format) of the final image (step=None) or one step's preview."""
+        kind = "final" if step is None else "preview"
+        table = self._read_rows(
+            run_id,
+            "images",
+            ("kind", "step_index"),
+            lambda k, s: k == kind and (step is None or s == step),
+            ["data", "format"],
+        )
+        if table.num_rows == 0:
+            raise StoreError(f"run {run_id} has no {'final image' if step is None else f'preview for step {step}'}")
+        return table.column("data")[0].as_py(), table.column("format")[0].as_py()
+
+    # -- SQL ------------------------------------------------------------------------------
+    def sql(self, query: str, max_rows: int = 1000, timeout_s: float = 10.0) -> Results:
+        """Run one read-only SELECT; refused statements and timeouts raise QueryError."""
+        from analysis.sql import run_readonly
+
+        return run_readonly(self.cursor(), query, max_rows, timeout_s)
+
+
+def elapsed_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000

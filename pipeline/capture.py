@@ -1,0 +1,350 @@
+"""Attention capture: swap-in processors that compute each layer exactly as diffusers' default
+`AttnProcessor2_0` does, and hand softmax(QK^T * scale) of the conditional image to a recorder.
+
+Only the captured modules get the processor: every cross-attention `attn2`, and the self-attention
+`attn1` layers whose grid is one of the stored self-attention grids. Everything else is untouched.
+Heads are averaged and layers summed per resolution level on the device; one copy to the host per
+denoising step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.trace import StepRecord
+
+SELF_GRID_MAX_AREA = 1536  # 32x32 for square 512 px SD 1.5, 32x48 for 512x768.
+STEP_GRID_MAX_AREA = 384  # 16x16 per step for square SD 1.5, 16x24 for 512x768.
+
+Grid = tuple[int, int]
+
+
+def halve(grid: Grid, times: int) -> Grid:
+    """The grid after `times` stride-2 downsamplings (ceil, as UNet convs with padding 1 do)."""
+    h, w = grid
+    for _ in range(times):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def grid_of(queries: int, latent: Grid) -> Grid:
+    """The spatial grid of a layer from its query count, by halving the latent grid."""
+    for times in range(12):
+        g = halve(latent, times)
+        if g[0] * g[1] == queries:
+            return g
+    raise ValueError(f"{queries} queries match no downsampling of the {latent} latent grid")
+
+
+def block_depth(module_name: str, n_down: int) -> int:
+    """How many times the UNet has downsampled at an attention module, from its diffusers name."""
+    parts = module_name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return n_down - 1 - int(parts[1])
+    if parts[0] == "mid_block":
+        return n_down - 1
+    raise ValueError(f"unexpected attention module {module_name}")
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """What to capture for one generation: which tokens and which self-attention grids."""
+
+    latent: Grid
+    keep_tokens: tuple[int, ...]  # key positions whose cross-attention maps are kept
+    self_grid: Grid  # step-aggregated self-attention grid
+    step_grid: Grid  # per-step self-attention grid
+    cfg: bool  # batch holds [unconditional, conditional] halves
+    guidance: float = 1.0
+    check_sums: bool = False  # track max |sum_k p - 1| of cross-attention rows (tests)
+
+
+def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """diffusers Attention modules of a UNet by name (processor key without '.processor')."""
+    return {
+        key.removesuffix(".processor"): unet.get_submodule(key.removesuffix(".processor"))
+        for key in unet.attn_processors
+    }
+
+
+def plan_grids(unet: torch.nn.Module, latent: Grid) -> tuple[Grid, Grid, list[Grid]]:
+    """(self grid, step grid, attention levels finest first) for a UNet at a latent size."""
+    n_down = len(unet.config.down_block_types)
+    levels = sorted(
+        {halve(latent, block_depth(name, n_down)) for name in attention_modules(unet)},
+        key=lambda g: -g[0] * g[1],
+    )
+    fitting = [g for g in levels if g[0] * g[1] <= SELF_GRID_MAX_AREA]
+    self_grid = fitting[0] if fitting else levels[-1]
+    step_grid = self_grid
+    while step_grid[0] * step_grid[1] > STEP_GRID_MAX_AREA:
+        step_grid = halve(step_grid, 1)
+    return self_grid, step_grid, levels
+
+
+def pool_attention(probs: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """Downsample a (queries, keys) self-attention matrix on grid `src` to grid `dst`.
+
+    Query rows are averaged over each destination cell; keys are pooled the same way and rows
+    renormalised, so each row stays a probability distribution.
+    """
+    if src == dst:
+        return probs
+    q = probs.reshape(src[0], src[1], src[0] * src[1]).permute(2, 0, 1)  # (keys, qh, qw)
+    q = F.adaptive_avg_pool2d(q, dst).reshape(src[0] * src[1], dst[0] * dst[1]).T  # (q', keys)
+    k = F.adaptive_avg_pool2d(q.reshape(-1, src[0], src[1]), dst).reshape(dst[0] * dst[1], -1)
+    return k / k.sum(dim=-1, keepdim=True)  # (q', k')
+
+
+@dataclass
+class AttentionRecorder:
+    """Sink for the capture processors; owns all accumulation state for one generation."""
+
+    plan: CapturePlan
+    on_step: Callable[[int], None] | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    x0: list[torch.Tensor] = field(default_factory=list)
+    max_sum_error: float = 0.0
+    _step: int = -1
+    _timestep: float = 0.0
+    _cross: dict[Grid, torch.Tensor] = field(default_factory=dict)
+    _cross_n: dict[Grid, int] = field(default_factory=dict)
+    _self_step: torch.Tensor | None = None
+    _self_step_n: int = 0
+    _self_layer: torch.Tensor | None = None  # this step's layers at the self grid (when coarser step grid)
+    _self_layer_n: int = 0
+    _self_agg: torch.Tensor | None = None
+    _self_agg_steps: int = 0
+    _sum_err: torch.Tensor | None = None
+
+    # -- called by the UNet hooks -------------------------------------------------------
+    def begin_step(self, timestep: float) -> None:
+        """A UNet forward starts: close the previous step and open the next."""
+        self.flush()
+        self._step += 1
+        self._timestep = timestep
+
+    def flush(self) -> None:
+        """Average this step's layers and copy everything to the host in one transfer."""
+        if self._step < 0 or (not self._cross and self._self_step is None):
+            return
+        parts: list[torch.Tensor] = []
+        shapes: list[tuple[Grid, tuple[int, ...]]] = []
+        for grid, acc in self._cross.items():
+            mean = acc / self._cross_n[grid]  # (tokens, queries)
+            parts.append(mean.reshape(-1))
+            shapes.append((grid, (mean.shape[0], grid[0], grid[1])))
+        self_mean = None
+        if self._self_step is not None:
+            self_mean = self._self_step / self._self_step_n  # (q, k) on the step grid
+            parts.append(self_mean.reshape(-1))
+            layer_mean = self_mean if self._self_layer is None else self._self_layer / self._self_layer_n
+            self._self_agg = layer_mean.clone() if self._self_agg is None else self._self_agg + layer_mean
+            self._self_agg_steps += 1
+        host = torch.cat([p.float() for p in parts]).cpu().numpy()
+        cross: dict[Grid, np.ndarray] = {}
+        offset = 0
+        for grid, shape in shapes:
+            n = math.prod(shape)
+            cross[grid] = host[offset : offset + n].reshape(shape)
+            offset += n
+        self_np = host[offset:].reshape(self_mean.shape) if self_mean is not None else None
+        self.steps.append(
+            StepRecord(self._step, self._timestep, cross, dict(self._cross_n), self_np, self._self_step_n)
+        )
+        self._cross, self._cross_n = {}, {}
+        self._self_step, self._self_step_n = None, 0
+        self._self_layer, self._self_layer_n = None, 0
+        if self._sum_err is not None:
+            self.max_sum_error = max(self.max_sum_error, float(self._sum_err))
+            self._sum_err = None
+        if self.on_step is not None:
+            self.on_step(self._step)
+
+    def finish(self) -> None:
+        """Flush the last step."""
+        self.flush()
+
+    def self_aggregate(self) -> np.ndarray | None:
+        """Self-attention on the self grid, mean over steps (rows are distributions)."""
+        if self._self_agg is None:
+            return None
+        return (self._self_agg / self._self_agg_steps).float().cpu().numpy()
+
+    # -- called by the processors -------------------------------------------------------
+    def observe(
+        self, kind: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> None:
+        """Record softmax(QK^T*scale) of the conditional image; query/key are (batch, heads, L, d)."""
+        cond = query.shape[0] // 2 if self.plan.cfg else 0
+        q = query[cond].float()  # (heads, queries, d)
+        k = key[cond].float()  # (heads, keys, d)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (heads, queries, keys)
+        if mask is not None:
+            scores = scores + mask[cond].float()
+        probs = scores.softmax(dim=-1).mean(dim=0)  # (queries, keys), heads averaged
+        grid = grid_of(probs.shape[0], self.plan.latent)
+        if kind == "cross":
+            if self.plan.check_sums:
+                err = (probs.sum(dim=-1) - 1).abs().max()
+                self._sum_err = err if self._sum_err is None else torch.maximum(self._sum_err, err)
+            kept = probs[:, list(self.plan.keep_tokens)].T  # (tokens, queries)
+            if grid in self._cross:
+                self._cross[grid] += kept
+                self._cross_n[grid] += 1
+            else:
+                self._cross[grid] = kept.clone()
+                self._cross_n[grid] = 1
+            return
+        if grid == self.plan.self_grid and self.plan.self_grid != self.plan.step_grid:
+            if self._self_layer is None:
+                self._self_layer = probs.clone()
+            else:
+                self._self_layer += probs
+            self._self_layer_n += 1
+        pooled = pool_attention(probs, grid, self.plan.step_grid)
+        if self._self_step is None:
+            self._self_step = pooled.clone()
+        else:
+            self._self_step += pooled
+        self._self_step_n += 1
+
+
+class CaptureAttnProcessor:
+    """`AttnProcessor2_0`'s computation, plus the attention probabilities sent to a recorder."""
+
+    def __init__(self, recorder: AttentionRecorder, kind: str) -> None:
+        self.recorder = recorder
+        self.kind = kind  # 'cross' or 'self'
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, q, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, k, d)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        with torch.no_grad():
+            self.recorder.observe(self.kind, query, key, attention_mask, attn.scale)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _alpha_bar(scheduler: object, timestep: float) -> float:
+    """Cumulative signal fraction at a (possibly fractional) timestep, interpolated in log-sigma."""
+    acp = scheduler.alphas_cumprod.double().numpy()  # (train_timesteps,)
+    log_sigma = 0.5 * np.log((1 - acp) / acp)
+    ls = float(np.interp(timestep, np.arange(len(acp)), log_sigma))
+    return float(1.0 / (1.0 + math.exp(2 * ls)))
+
+
+def _timestep_arg(args: tuple, kwargs: dict) -> float:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else 0)
+    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+@contextmanager
+def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    """Install capture processors and step hooks on `pipe.unet`; restore the originals on exit."""
+    unet = pipe.unet
+    plan = recorder.plan
+    n_down = len(unet.config.down_block_types)
+    self_grids = {plan.self_grid, plan.step_grid}
+    originals: dict[str, object] = {}
+    hooks = []
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        recorder.begin_step(_timestep_arg(args, kwargs))
+
+    def post_hook(_module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        with torch.no_grad():
+            sample = kwargs.get("sample", args[0] if args else None)
+            out = output[0] if isinstance(output, tuple) else output.sample
+            if plan.cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + plan.guidance * (cond - uncond)
+                sample = sample.chunk(2)[1]
+            ab = _alpha_bar(pipe.scheduler, _timestep_arg(args, kwargs))
+            if prediction == "v_prediction":
+                x0 = math.sqrt(ab) * sample - math.sqrt(1 - ab) * out
+            elif prediction == "sample":
+                x0 = out
+            else:
+                x0 = (sample - math.sqrt(1 - ab) * out) / math.sqrt(ab)
+            recorder.x0.append(x0[:1].detach().clone())
+
+    try:
+        for name, module in attention_modules(unet).items():
+            kind = "cross" if name.endswith("attn2") else "self"
+            if kind == "self" and halve(plan.latent, block_depth(name, n_down)) not in self_grids:
+                continue
+            originals[name] = module.processor
+            module.set_processor(CaptureAttnProcessor(recorder, kind))
+        hooks.append(unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        hooks.append(unet.register_forward_hook(post_hook, with_kwargs=True))
+        yield recorder
+        recorder.finish()
+    finally:
+        for h in hooks:
+            h.remove()
+        modules = attention_modules(unet)
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)

@@ -1,0 +1,271 @@
+"""The `stepx` command line.
+
+    stepx generate "a red circle on the left" --steps 20 --seed 1
+    stepx runs | stepx show RUN | stepx sql "SELECT ..." | stepx index rebuild | stepx models
+
+Torch is imported only by the commands that run a model. Bad arguments exit with status 2 and one
+line on stderr; store and model problems exit with status 1 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from schema.layout import store_root
+
+
+class CliError(Exception):
+    """A failure to report as one line, with an exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise CliError(f"{self.prog}: {message} (see {self.prog} --help)", 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v}")
+    return v
+
+
+def _size(text: str) -> int:
+    v = _positive_int(text)
+    if v % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63-1, got {v}")
+    return v
+
+
+def _guidance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v <= 50:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 50, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="store folder (default: $STEPX_STORE or data/store)")
+    p = _Parser(prog="stepx", description="StepX: trace and explore attention in diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", parents=[common], help="generate one traced image")
+    g.add_argument("prompt")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--model", help="registry name (see `stepx models`)")
+    g.add_argument("--model-path", help="folder holding a diffusers pipeline")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--steps", type=_positive_int)
+    g.add_argument("--guidance", type=_guidance)
+    g.add_argument("--width", type=_size)
+    g.add_argument("--height", type=_size)
+    g.add_argument("--tag", action="append", default=[], help="tag the run (repeatable)")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+
+    r = sub.add_parser("runs", parents=[common], help="list runs")
+    r.add_argument("--search", help="text in the prompt")
+    r.add_argument("--tag")
+    r.add_argument("--model")
+    r.add_argument("--limit", type=_positive_int, default=50)
+
+    s = sub.add_parser("show", parents=[common], help="one run's metadata and tokens")
+    s.add_argument("run_id")
+
+    q = sub.add_parser("sql", parents=[common], help="read-only SQL over the store")
+    q.add_argument("query")
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--max-rows", type=_positive_int, default=1000)
+    q.add_argument("--timeout", type=float, default=10.0, help="seconds before the query is stopped")
+
+    i = sub.add_parser("index", parents=[common], help="maintain the store's index")
+    i.add_argument("action", choices=["rebuild"])
+
+    sub.add_parser("models", parents=[common], help="list registered models and where their weights are")
+
+    y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
+    y.add_argument("--runs", type=_positive_int, required=True)
+    y.add_argument("--steps", type=_positive_int, default=20)
+    y.add_argument("--geometry", choices=["shapes", "sd15"], default="shapes")
+    y.add_argument("--seed", type=_seed, default=0)
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise CliError("stepx generate: the prompt is empty; give a text prompt such as 'a red circle'", 2)
+    from pipeline.generate import (
+        GenerationConfig,
+        GenerationError,
+        generate_trace,
+        validate_prompt,
+    )
+    from pipeline.models import ModelNotFoundError, load_model
+    from pipeline.trace_writer import write_trace
+
+    config = GenerationConfig(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        tags=args.tag,
+    )
+    try:
+        validate_prompt(config)
+        model = load_model(args.model, args.model_path, args.device)
+        tty = sys.stderr.isatty()
+
+        def progress(step: int, total: int) -> None:
+            bar = "#" * (20 * step // total)
+            end = "\r" if tty and step < total else "\n"
+            if tty or step == total:
+                sys.stderr.write(f"step {step:>3}/{total} [{bar:<20}]{end}")
+                sys.stderr.flush()
+
+        trace = generate_trace(model, config, on_step=progress)
+    except (GenerationError, ModelNotFoundError) as exc:
+        raise CliError(f"stepx generate: {exc}", 2 if isinstance(exc, GenerationError) else 1) from None
+    written = write_trace(store_root(args.store), trace)
+    print(written.run_id)
+    return 0
+
+
+def _print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(columns)
+        w.writerows(rows)
+    elif fmt == "json":
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
+    else:
+        cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+        widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(columns))]
+        for n, row in enumerate(cells):
+            print("  ".join(v[:60].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+            if n == 0:
+                print("  ".join("-" * w for w in widths))
+
+
+def _store(args: argparse.Namespace) -> object:
+    from analysis.store import Store
+
+    return Store(store_root(args.store))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = _store(args).runs(text=args.search, tag=args.tag, model=args.model, limit=args.limit)
+    cols = ["run_id", "model_name", "seed", "steps", "prompt"]
+    _print_rows(cols, [tuple(r[c] for c in cols) for r in runs], "table")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    run = store.run(args.run_id)
+    for k, v in run.items():
+        if k != "config_json":
+            print(f"{k:>18}: {v}")
+    print("\nwords:", " | ".join(f"{w.word_index}:{w.word}" for w in store.words(args.run_id)))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    res = _store(args).sql(args.query, max_rows=args.max_rows, timeout_s=args.timeout)
+    _print_rows(res.columns, res.rows, args.format)
+    if res.truncated:
+        print(f"(truncated at {args.max_rows} rows; raise --max-rows)", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.index import rebuild_index
+
+    report = rebuild_index(store_root(args.store))
+    print(f"indexed {report.runs} runs in {report.seconds:.2f} s; removed {report.removed_tmp} stale partial runs")
+    for run_id, why in report.bad_runs.items():
+        print(f"bad run {run_id}: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.models import REGISTRY, availability, default_model_name
+
+    default = default_model_name()
+    rows = []
+    for spec in REGISTRY.values():
+        ok, where = availability(spec)
+        rows.append((spec.name + (" *" if spec.name == default else ""), "yes" if ok else "no", spec.title, where))
+    _print_rows(["model", "present", "title", "where / how to get it"], rows, "table")
+    print("\n* default model", file=sys.stderr)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import synth_store
+
+    report = synth_store(store_root(args.store), args.runs, args.steps, args.geometry, args.seed)
+    print(json.dumps(report))
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "runs": cmd_runs,
+    "show": cmd_show,
+    "sql": cmd_sql,
+    "index": cmd_index,
+    "models": cmd_models,
+    "synth": cmd_synth,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `stepx` console script."""
+    from analysis.store import StoreError
+    from schema import SchemaVersionError
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.status
+    except (StoreError, SchemaVersionError) as exc:
+        print(f"stepx: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stepx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

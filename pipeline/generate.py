@@ -1,0 +1,256 @@
+"""One traced generation: config in, a `Trace` (plain numpy + metadata) out.
+
+The pipeline's own `__call__` runs untouched; capture observes it through swapped-in attention
+processors and UNet hooks. Previews (the predicted x0 of every step) are decoded in one batch after
+the loop, outside the timed denoising.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import diffusers
+import torch
+from PIL import Image
+
+from pipeline.capture import (
+    AttentionRecorder,
+    CapturePlan,
+    attention_capture,
+    plan_grids,
+)
+from pipeline.models import LoadedModel
+from pipeline.trace import TokenInfo, Trace
+from schema import SCHEMA_VERSION
+
+STEPX_VERSION = "0.1.0"
+PREVIEW_MAX_PX = 256  # long side of stored step previews
+MAX_PROMPT_CHARS = 2000
+
+
+class GenerationError(ValueError):
+    """A generation request that can't run, with a message for the user."""
+
+
+@dataclass
+class GenerationConfig:
+    """Everything needed to regenerate a run; None means the model's default."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    tags: list[str] = field(default_factory=list)
+    gallery: str | None = None
+
+    def resolved(self, model: LoadedModel) -> GenerationConfig:
+        """A copy with the model's defaults filled in, validated."""
+        spec = model.spec
+        cfg = GenerationConfig(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or "",
+            seed=int(self.seed),
+            steps=spec.steps if self.steps is None else int(self.steps),
+            guidance=spec.guidance if self.guidance is None else float(self.guidance),
+            width=spec.size if self.width is None else int(self.width),
+            height=spec.size if self.height is None else int(self.height),
+            tags=list(self.tags),
+            gallery=self.gallery,
+        )
+        validate(cfg, model.pipe.vae_scale_factor)
+        return cfg
+
+
+def validate_prompt(cfg: GenerationConfig) -> None:
+    """Raise GenerationError for prompt text that can't run (before any model is loaded)."""
+    if not cfg.prompt or not cfg.prompt.strip():
+        raise GenerationError("the prompt is empty: give a text prompt such as 'a red circle'")
+    if len(cfg.prompt) > MAX_PROMPT_CHARS:
+        raise GenerationError(f"the prompt is {len(cfg.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if any(ord(c) < 32 and c not in "\t\n" for c in cfg.prompt + cfg.negative_prompt):
+        raise GenerationError("the prompt holds control characters; remove them")
+
+
+def validate(cfg: GenerationConfig, vae_factor: int = 8) -> None:
+    """Raise GenerationError with one clear line for a request that can't run."""
+    validate_prompt(cfg)
+    if cfg.steps is None or not 1 <= cfg.steps <= 1000:
+        raise GenerationError(f"steps must be between 1 and 1000, got {cfg.steps}")
+    if cfg.guidance is None or not math.isfinite(cfg.guidance) or not 0 <= cfg.guidance <= 50:
+        raise GenerationError(f"guidance must be between 0 and 50, got {cfg.guidance}")
+    if not 0 <= cfg.seed < 2**63:
+        raise GenerationError(f"seed must be between 0 and 2^63-1, got {cfg.seed}")
+    for name, v in (("width", cfg.width), ("height", cfg.height)):
+        if v is None or v <= 0 or v % 8 or v > 4096:
+            raise GenerationError(f"{name} must be a positive multiple of 8 up to 4096, got {v}")
+        if v % vae_factor:
+            raise GenerationError(f"{name} must be a multiple of this model's VAE factor {vae_factor}")
+
+
+def prompt_tokens(tokenizer: object, prompt: str) -> tuple[list[TokenInfo], bool]:
+    """Tokens of a prompt (start, pieces, first end token) and whether it was truncated.
+
+    CLIP's BPE marks a word's last piece with '</w>'; pieces up to it form one word.
+    """
+    full = tokenizer(prompt, truncation=False).input_ids
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    truncated = len(full) > len(ids)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    body = [i for i in ids if i not in (bos, eos)]
+    pieces = tokenizer.convert_ids_to_tokens(body)
+    tokens = [TokenInfo(0, bos, "<start>", None, None, "start", False)]
+    word_index, current = 0, []
+    for pos, (tid, piece) in enumerate(zip(body, pieces, strict=True), start=1):
+        current.append(pos - 1)
+        tokens.append(TokenInfo(pos, tid, "", word_index, None, "word", True))
+        if piece.endswith("</w>") or pos == len(body):
+            word = _decode(tokenizer, [body[i] for i in current])
+            for i in current:
+                tokens[i + 1].word = word
+            word_index += 1
+            current = []
+    for t, (tid, piece) in zip(tokens[1:], zip(body, pieces, strict=True), strict=True):
+        t.token_text = _decode(tokenizer, [tid]) or piece
+    tokens.append(TokenInfo(len(body) + 1, eos, "<end>", None, None, "end", True))
+    return tokens, truncated
+
+
+def _decode(tokenizer: object, ids: list[int]) -> str:
+    """Readable text of token ids (byte-level pieces decoded, word-end markers dropped)."""
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False).strip()
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable run id: UTC time plus 6 random hex digits."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _to_pil(images: torch.Tensor, max_px: int | None = None) -> list[Image.Image]:
+    arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    out = []
+    for a in arr.permute(0, 2, 3, 1).cpu().numpy():
+        img = Image.fromarray(a)
+        if max_px and max(img.size) > max_px:
+            scale = max_px / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        out.append(img)
+    return out
+
+
+@torch.no_grad()
+def decode_previews(pipe: object, x0: list[torch.Tensor], batch: int = 8) -> list[Image.Image]:
+    """Decode each step's predicted x0 with the pipeline's VAE, in batches, to small images."""
+    vae = pipe.vae
+    images: list[Image.Image] = []
+    for i in range(0, len(x0), batch):
+        lat = torch.cat(x0[i : i + batch]).to(vae.dtype) / vae.config.scaling_factor
+        images += _to_pil(vae.decode(lat).sample, PREVIEW_MAX_PX)
+    return images
+
+
+def run_pipeline(model: LoadedModel, cfg: GenerationConfig, callback: object = None) -> Image.Image:
+    """Call the model's pipeline for a resolved config; returns the final image."""
+    generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
+    kwargs = dict(
+        prompt=cfg.prompt,
+        negative_prompt=cfg.negative_prompt or None,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        width=cfg.width,
+        height=cfg.height,
+        generator=generator,
+        output_type="pil",
+    )
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    return model.pipe(**kwargs).images[0]
+
+
+def generate_trace(
+    model: LoadedModel,
+    config: GenerationConfig,
+    on_step: Callable[[int, int], None] | None = None,
+    check_sums: bool = False,
+) -> Trace:
+    """Run one traced generation and assemble its trace in memory."""
+    t_start = time.perf_counter()
+    cfg = config.resolved(model)
+    pipe = model.pipe
+    tokens, truncated = prompt_tokens(pipe.tokenizer, cfg.prompt)
+    vae_factor = pipe.vae_scale_factor
+    latent = (cfg.height // vae_factor, cfg.width // vae_factor)
+    self_grid, step_grid, levels = plan_grids(pipe.unet, latent)
+    plan = CapturePlan(
+        latent=latent,
+        keep_tokens=tuple(t.token_index for t in tokens if t.has_map),
+        self_grid=self_grid,
+        step_grid=step_grid,
+        cfg=cfg.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None,
+        guidance=cfg.guidance,
+        check_sums=check_sums,
+    )
+    recorder = AttentionRecorder(plan, on_step=(lambda s: on_step(s + 1, cfg.steps)) if on_step else None)
+    t0 = time.perf_counter()
+    with attention_capture(pipe, recorder):
+        final = run_pipeline(model, cfg)
+    denoise_ms = (time.perf_counter() - t0) * 1000
+    t1 = time.perf_counter()
+    previews = decode_previews(pipe, recorder.x0)
+    preview_ms = (time.perf_counter() - t1) * 1000
+    created = datetime.now(UTC)
+    run = {
+        "run_id": new_run_id(created),
+        "created_at": created,
+        "status": "complete",
+        "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt,
+        "seed": cfg.seed,
+        "steps": len(recorder.steps),
+        "guidance": cfg.guidance,
+        "scheduler": type(pipe.scheduler).__name__,
+        "width": cfg.width,
+        "height": cfg.height,
+        "latent_width": latent[1],
+        "latent_height": latent[0],
+        "self_grid_width": self_grid[1],
+        "self_grid_height": self_grid[0],
+        "step_grid_width": step_grid[1],
+        "step_grid_height": step_grid[0],
+        "levels": [f"{h}x{w}" for h, w in levels],
+        "model_name": model.spec.name,
+        "model_id": model.model_id,
+        "model_fingerprint": model.fingerprint,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "stepx_version": STEPX_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "device": model.device,
+        "dtype": model.dtype,
+        "prompt_truncated": truncated,
+        "denoise_ms": denoise_ms,
+        "preview_ms": preview_ms,
+        "total_ms": (time.perf_counter() - t_start) * 1000,
+        "tags": list(cfg.tags),
+        "gallery": cfg.gallery,
+        "config_json": json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+    }
+    return Trace(
+        run=run,
+        tokens=tokens,
+        steps=recorder.steps,
+        levels=levels,
+        self_aggregate=recorder.self_aggregate(),
+        previews=previews,
+        final=final,
+        max_sum_error=recorder.max_sum_error,
+    )

@@ -1,0 +1,63 @@
+"""In-memory trace types: what one generation produced, before the writer turns it into Parquet.
+
+Torch-free, so the synthetic-store generator and the writer share them with the capture code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Grid = tuple[int, int]
+
+
+@dataclass
+class TokenInfo:
+    """One token of the prompt as the text encoder saw it."""
+
+    token_index: int
+    token_id: int
+    token_text: str
+    word_index: int | None
+    word: str | None
+    kind: str  # 'start', 'word' or 'end'
+    has_map: bool
+
+
+@dataclass
+class StepRecord:
+    """One denoising step as copied to the host."""
+
+    step_index: int
+    timestep: float
+    cross: dict[Grid, np.ndarray]  # level -> (tokens, h, w) float32, layers averaged
+    cross_layers: dict[Grid, int]
+    self_step: np.ndarray | None  # (q, k) on the step grid, layers averaged
+    self_layers: int
+
+
+@dataclass
+class Trace:
+    """A finished generation held in memory, ready for the trace writer."""
+
+    run: dict
+    tokens: list[TokenInfo]
+    steps: list[StepRecord]
+    levels: list[tuple[int, int]]
+    self_aggregate: np.ndarray | None  # (q, k) float32 on the self grid
+    previews: list[Image.Image]
+    final: Image.Image
+    max_sum_error: float = 0.0
+
+
+def encode_image(img: Image.Image, fmt: str) -> bytes:
+    """PNG (lossless) or WebP (quality 85) bytes of an image."""
+    buf = io.BytesIO()
+    if fmt == "webp":
+        img.save(buf, format="WEBP", quality=85, method=4)
+    else:
+        img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

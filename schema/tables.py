@@ -1,0 +1,172 @@
+"""Arrow schemas of the per-run Parquet files, with one comment per column.
+
+A run is one directory `runs/<run_id>/` holding one Parquet file per table below. Every file carries
+the schema version in its key-value metadata (`stepx.schema_version`); readers refuse a newer major
+version. The comments are the documentation the SQL console shows.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+VERSION_KEY = b"stepx.schema_version"
+
+
+class SchemaVersionError(RuntimeError):
+    """A file was written by a newer, incompatible StepX trace schema."""
+
+
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+RUNS = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id: UTC creation time plus a random suffix, sortable.", False),
+        _f("created_at", pa.timestamp("us", tz="UTC"), "When the run was generated (UTC)."),
+        _f("status", pa.string(), "Always 'complete' for a visible run (partial runs are never visible)."),
+        _f("prompt", pa.string(), "The prompt text as given."),
+        _f("negative_prompt", pa.string(), "The negative prompt ('' when none)."),
+        _f("seed", pa.int64(), "Seed of the torch generator for the initial noise."),
+        _f("steps", pa.int32(), "Number of denoising steps (= UNet evaluations)."),
+        _f("guidance", pa.float32(), "Classifier-free guidance scale; <= 1 means no unconditional batch."),
+        _f("scheduler", pa.string(), "diffusers scheduler class name."),
+        _f("width", pa.int32(), "Image width in pixels."),
+        _f("height", pa.int32(), "Image height in pixels."),
+        _f("latent_width", pa.int32(), "Latent grid width (image width / VAE factor)."),
+        _f("latent_height", pa.int32(), "Latent grid height."),
+        _f("self_grid_width", pa.int32(), "Width of the step-aggregated self-attention grid."),
+        _f("self_grid_height", pa.int32(), "Height of the step-aggregated self-attention grid."),
+        _f("step_grid_width", pa.int32(), "Width of the per-step self-attention grid."),
+        _f("step_grid_height", pa.int32(), "Height of the per-step self-attention grid."),
+        _f("levels", pa.list_(pa.string()), "Cross-attention resolution levels captured, 'HxW', finest first."),
+        _f("model_name", pa.string(), "Registry name of the model (sd15, shapes, tiny-random, ...)."),
+        _f("model_id", pa.string(), "Hub id or folder the weights came from."),
+        _f("model_fingerprint", pa.string(), "Short hash identifying the exact weights."),
+        _f("torch_version", pa.string(), "torch version used to generate."),
+        _f("diffusers_version", pa.string(), "diffusers version used to generate."),
+        _f("stepx_version", pa.string(), "StepX version used to generate."),
+        _f("schema_version", pa.string(), "Trace schema version (major.minor)."),
+        _f("device", pa.string(), "torch device the pipeline ran on (cpu, cuda)."),
+        _f("dtype", pa.string(), "torch dtype of the pipeline weights."),
+        _f("prompt_truncated", pa.bool_(), "True when the prompt was longer than the text encoder takes."),
+        _f("denoise_ms", pa.float64(), "Wall time of the pipeline call (denoising loop + final decode)."),
+        _f("preview_ms", pa.float64(), "Wall time to decode the per-step previews after the loop."),
+        _f("total_ms", pa.float64(), "Wall time from model loaded to trace assembled."),
+        _f("tags", pa.list_(pa.string()), "Free tags (gallery themes)."),
+        _f("gallery", pa.string(), "Name of the curated gallery this run belongs to, if any."),
+        _f("config_json", pa.string(), "Full generation config as JSON, enough to regenerate the run."),
+    ]
+)
+
+TOKENS = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("token_index", pa.int32(), "Position in the text encoder's input (0 = start token).", False),
+        _f("token_id", pa.int32(), "Tokenizer id."),
+        _f("token_text", pa.string(), "The token's text (one BPE piece)."),
+        _f("word_index", pa.int32(), "Index of the prompt word this piece belongs to; null for start/end."),
+        _f("word", pa.string(), "The whole word the piece belongs to (pieces of one word share it)."),
+        _f("kind", pa.string(), "'start', 'word' or 'end' (the first end-of-text token)."),
+        _f("has_map", pa.bool_(), "Whether cross-attention maps are stored for this token."),
+    ]
+)
+
+CROSS_ATTENTION = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("step_index", pa.int32(), "Denoising step, 0 = first (noisiest).", False),
+        _f("timestep", pa.float32(), "Scheduler timestep of that step."),
+        _f("token_index", pa.int32(), "Token position (joins tokens.token_index).", False),
+        _f("level", pa.string(), "UNet resolution level 'HxW' the map was averaged over."),
+        _f("level_height", pa.int32(), "Map height (query grid of that level)."),
+        _f("level_width", pa.int32(), "Map width."),
+        _f("layer_count", pa.int32(), "How many attention layers were averaged into this map."),
+        _f("map", pa.list_(pa.float16()), "Attention probability per query pixel, row-major, heads averaged."),
+        _f("mass", pa.float32(), "Mean of the map: share of the image's attention that went to the token."),
+        _f("peak", pa.float32(), "Largest value of the map."),
+        _f("entropy", pa.float32(), "Shannon entropy of the map as a distribution, / log(pixels): 0-1."),
+        _f("centroid_x", pa.float32(), "Map-weighted mean x, 0 = left edge, 1 = right edge."),
+        _f("centroid_y", pa.float32(), "Map-weighted mean y, 0 = top edge, 1 = bottom edge."),
+        _f("spread", pa.float32(), "Map-weighted RMS distance from the centroid, in image widths."),
+    ]
+)
+
+WORD_STEP_STATS = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("step_index", pa.int32(), "Denoising step, 0 = first.", False),
+        _f("word_index", pa.int32(), "Prompt word index; -1 is Global (all prompt words).", False),
+        _f("word", pa.string(), "The word ('<global>' for Global)."),
+        _f("level", pa.string(), "Resolution level 'HxW', or 'all' for the DAAM aggregate on the latent grid."),
+        _f("mass", pa.float32(), "Mean of the word's map (word map = mean of its tokens' maps)."),
+        _f("peak", pa.float32(), "Largest value of the word's map."),
+        _f("entropy", pa.float32(), "Normalised entropy 0-1 of the map as a distribution."),
+        _f("centroid_x", pa.float32(), "Weighted mean x in 0-1 image widths."),
+        _f("centroid_y", pa.float32(), "Weighted mean y in 0-1 image heights."),
+        _f("spread", pa.float32(), "Weighted RMS distance from the centroid, in image widths."),
+    ]
+)
+
+SELF_ATTENTION = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("kind", pa.string(), "'aggregate' (summed over steps, self grid) or 'step' (one step, step grid)."),
+        _f("step_index", pa.int32(), "Denoising step for kind 'step'; -1 for the aggregate."),
+        _f("grid_height", pa.int32(), "Query/key grid height."),
+        _f("grid_width", pa.int32(), "Query/key grid width."),
+        _f("layer_count", pa.int32(), "Self-attention layers averaged (per step)."),
+        _f("row_scale", pa.list_(pa.float32()), "Per query row: the row's maximum probability."),
+        _f("values", pa.large_binary(), "Row-major (queries x keys) uint8: probability = value/255 * row_scale."),
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("kind", pa.string(), "'final' (full size, PNG) or 'preview' (decoded predicted x0 of a step)."),
+        _f("step_index", pa.int32(), "Step of a preview; -1 for the final image."),
+        _f("width", pa.int32(), "Stored image width."),
+        _f("height", pa.int32(), "Stored image height."),
+        _f("format", pa.string(), "'png' or 'webp'."),
+        _f("data", pa.large_binary(), "Encoded image bytes."),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "tokens": TOKENS,
+    "cross_attention": CROSS_ATTENTION,
+    "word_step_stats": WORD_STEP_STATS,
+    "self_attention": SELF_ATTENTION,
+    "images": IMAGES,
+}
+RUN_FILES: dict[str, str] = {name: f"{name}.parquet" for name in TABLES}
+# Small tables the store's index copies into its own segments, so listing and SQL stay fast at scale.
+INDEX_TABLES: tuple[str, ...] = ("runs", "tokens", "word_step_stats")
+
+
+def file_metadata() -> dict[bytes, bytes]:
+    """Key-value metadata stamped on every trace file."""
+    return {VERSION_KEY: SCHEMA_VERSION.encode()}
+
+
+def check_version(metadata: dict[bytes, bytes] | None, where: str = "file") -> str:
+    """Return the file's schema version; raise SchemaVersionError for a newer major version."""
+    raw = (metadata or {}).get(VERSION_KEY)
+    if raw is None:
+        raise SchemaVersionError(f"{where} has no StepX schema version: not a StepX trace file")
+    version = raw.decode()
+    major = int(version.split(".")[0])
+    if major > int(SCHEMA_VERSION.split(".")[0]):
+        raise SchemaVersionError(
+            f"{where} was written with trace schema {version}; this StepX reads up to "
+            f"{SCHEMA_VERSION}. Upgrade StepX to read it."
+        )
+    return version
+
+
+def column_docs(table: str) -> list[tuple[str, str, str]]:
+    """(column, type, comment) for each column of a table, for the SQL console's docs."""
+    return [(f.name, str(f.type), (f.metadata or {}).get(b"doc", b"").decode()) for f in TABLES[table]]

@@ -1,0 +1,79 @@
+"""The SQL views users query: names and meanings stay stable across schema versions.
+
+`runs`, `tokens` and `word_step_stats` read the store's index segments; `cross_attention`,
+`self_attention` and `images` read every run's own Parquet file (complete but slower at scale);
+`word_stats` summarises `word_step_stats` over steps.
+"""
+
+from __future__ import annotations
+
+USER_VIEWS: dict[str, str] = {
+    "runs": "One row per run: prompt, seed, steps, model, sizes, versions, timings, tags.",
+    "tokens": "One row per stored token of each run, with the word it belongs to.",
+    "word_step_stats": "Per run, step, word and level: mass, peak, entropy, centroid, spread.",
+    "word_stats": "Per run, word and level: word_step_stats averaged over all steps.",
+    "cross_attention": "Raw per-step, per-token, per-level cross-attention maps with statistics.",
+    "self_attention": "Raw downsampled self-attention matrices (aggregate and per step).",
+    "images": "Final images and per-step previews as encoded bytes.",
+}
+
+WORD_STATS_SQL = """
+SELECT run_id, word_index, word, level,
+       count(*)::INTEGER AS steps,
+       avg(mass)::FLOAT AS mass,
+       avg(peak)::FLOAT AS peak,
+       avg(entropy)::FLOAT AS entropy,
+       avg(centroid_x)::FLOAT AS centroid_x,
+       avg(centroid_y)::FLOAT AS centroid_y,
+       avg(spread)::FLOAT AS spread
+FROM word_step_stats
+GROUP BY run_id, word_index, word, level
+"""
+
+
+def sql_literal(text: str) -> str:
+    """Quote a string as a SQL literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def parquet_source(paths: list[str] | str, columns: list[str] | None = None) -> str:
+    """A read_parquet(...) expression over a file list or glob, tolerant of newer minor columns."""
+    if isinstance(paths, str):
+        arg = sql_literal(paths)
+    else:
+        arg = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
+    cols = ", ".join(columns) if columns else "*"
+    return f"SELECT {cols} FROM read_parquet({arg}, union_by_name = true)"
+
+
+def view_sql(name: str, source: str) -> str:
+    """CREATE VIEW statement for a user view over a SELECT source."""
+    return f"CREATE OR REPLACE VIEW {name} AS {source}"
+
+
+def duckdb_type(t: object) -> str:
+    """The DuckDB type a pyarrow column type reads back as (float16 reads as FLOAT)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return duckdb_type(t.value_type) + "[]"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    simple = {
+        pa.string(): "VARCHAR",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float16(): "FLOAT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
+        pa.large_binary(): "BLOB",
+        pa.binary(): "BLOB",
+    }
+    return simple[t]
+
+
+def empty_source(schema: object) -> str:
+    """A SELECT with a table's columns and no rows, for a view over a store with no files yet."""
+    cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema)
+    return f"SELECT {cols} WHERE false"

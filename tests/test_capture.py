@@ -1,0 +1,150 @@
+"""Capture contract on real diffusers pipelines with tiny weights: outputs untouched, probabilities
+are distributions, processors restored, every expected level captured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids, pool_attention
+from pipeline.generate import GenerationConfig, generate_trace, run_pipeline
+from pipeline.models import LoadedModel, load_model, module_fingerprint
+from pipeline.tiny import build_tiny_pipeline
+
+
+def _latents(pipe, prompt="a red circle", seed=3, steps=3, guidance=3.0, **kw) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent", **kw).images
+
+
+def _plan(pipe, latent, cfg=True, guidance=3.0):
+    self_grid, step_grid, _ = plan_grids(pipe.unet, latent)
+    return CapturePlan(latent, (1, 2, 3), self_grid, step_grid, cfg, guidance, check_sums=True)
+
+
+@pytest.mark.parametrize(
+    "guidance, negative, size",
+    [(3.0, None, (64, 64)), (1.0, None, (64, 64)), (5.0, "blurry", (64, 96))],
+    ids=["cfg", "no-cfg", "negative-nonsquare"],
+)
+def test_traced_latents_bit_identical(tiny_model, guidance, negative, size):
+    pipe = tiny_model.pipe
+    kw = {"negative_prompt": negative, "height": size[0], "width": size[1]}
+    plain = _latents(pipe, guidance=guidance, **kw)
+    rec = AttentionRecorder(_plan(pipe, (size[0] // 2, size[1] // 2), guidance > 1, guidance))
+    with attention_capture(pipe, rec):
+        traced = _latents(pipe, guidance=guidance, **kw)
+    assert torch.equal(plain, traced)
+    assert len(rec.steps) == 3
+    assert rec.max_sum_error < 1e-4  # each query's 77 key probabilities sum to 1 before slicing
+    assert all(len(s.cross) == 2 for s in rec.steps)
+
+
+@pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_other_schedulers_bit_identical(scheduler_cls):
+    pipe = build_tiny_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    plain = _latents(pipe)
+    rec = AttentionRecorder(_plan(pipe, (32, 32)))
+    with attention_capture(pipe, rec):
+        traced = _latents(pipe)
+    assert torch.equal(plain, traced)
+    assert len(rec.x0) == 3 and all(torch.isfinite(x).all() for x in rec.x0)
+
+
+def test_traced_final_image_equals_untraced(tiny_model):
+    cfg = GenerationConfig("a blue square at the top", seed=5, steps=3, guidance=2.5)
+    trace = generate_trace(tiny_model, cfg, check_sums=True)
+    plain = run_pipeline(tiny_model, cfg.resolved(tiny_model))
+    assert np.array_equal(np.asarray(plain), np.asarray(trace.final))
+    assert trace.max_sum_error < 1e-4
+
+
+def test_processors_restored_even_on_error(tiny_model):
+    pipe = tiny_model.pipe
+    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    rec = AttentionRecorder(_plan(pipe, (32, 32)))
+    with pytest.raises(RuntimeError, match="boom"), attention_capture(pipe, rec):
+        raise RuntimeError("boom")
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
+
+
+def test_only_captured_modules_swapped(tiny_model):
+    pipe = tiny_model.pipe
+    rec = AttentionRecorder(CapturePlan((32, 32), (1,), (32, 32), (16, 16), True))
+    with attention_capture(pipe, rec):
+        kinds = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    swapped = {k for k, v in kinds.items() if v == "CaptureAttnProcessor"}
+    assert {k for k in kinds if k.endswith("attn2.processor")} <= swapped
+    # self-attention swapped only at the stored grids (32x32 and 16x16 here: all of them)
+    assert all(k.endswith(("attn1.processor", "attn2.processor")) for k in swapped)
+    rec = AttentionRecorder(CapturePlan((32, 32), (1,), (16, 16), (16, 16), True))
+    with attention_capture(pipe, rec):
+        kinds = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    assert kinds["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"] == "AttnProcessor2_0"
+    assert kinds["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"] == "CaptureAttnProcessor"
+
+
+@pytest.mark.parametrize(
+    "layout, px, levels, self_grid, step_grid",
+    [
+        ("sd15", 256, [(32, 32), (16, 16), (8, 8), (4, 4)], (32, 32), (16, 16)),
+        ("sd21", 256, [(32, 32), (16, 16), (8, 8), (4, 4)], (32, 32), (16, 16)),
+    ],
+)
+def test_real_block_layout_captures_every_level(layout, px, levels, self_grid, step_grid):
+    pipe = build_tiny_pipeline(layout)
+    model = LoadedModel(load_model("tiny-random").spec, pipe, f"in-process:{layout}", module_fingerprint(pipe.unet), "cpu", "float32")
+    pipe.set_progress_bar_config(disable=True)
+    trace = generate_trace(model, GenerationConfig("a cat on a mat", steps=2, guidance=7.5, width=px, height=px), check_sums=True)
+    assert trace.levels == levels
+    for rec in trace.steps:
+        assert sorted(rec.cross, key=lambda g: -g[0]) == levels
+        # SD 1.5 layout: 2 down + 3 up transformer layers per level, 1 in the mid block
+        assert rec.cross_layers[(8, 8)] == 2 + 3 and rec.cross_layers[(4, 4)] == 1
+        assert rec.self_step.shape == (step_grid[0] * step_grid[1],) * 2
+    assert trace.self_aggregate.shape == (self_grid[0] * self_grid[1],) * 2
+    assert np.allclose(trace.self_aggregate.sum(axis=1), 1, atol=1e-4)
+    assert trace.max_sum_error < 1e-4
+    assert trace.run["self_grid_height"] == self_grid[0] and trace.run["step_grid_width"] == step_grid[1]
+
+
+def test_pool_attention_keeps_rows_distributions():
+    rng = np.random.default_rng(0)
+    m = torch.tensor(rng.random((64, 64)), dtype=torch.float32)
+    m = m / m.sum(dim=1, keepdim=True)
+    pooled = pool_attention(m, (8, 8), (4, 4))
+    assert pooled.shape == (16, 16)
+    assert torch.allclose(pooled.sum(dim=1), torch.ones(16), atol=1e-5)
+    # query cell (0,0) of the 4x4 grid = mean of rows of 8x8 cells (0,0),(0,1),(1,0),(1,1); keys summed
+    rows = m[[0, 1, 8, 9]].mean(dim=0).reshape(8, 8)
+    expected = rows.reshape(4, 2, 4, 2).sum(dim=(1, 3)).reshape(-1)
+    assert torch.allclose(pooled[0], expected, atol=1e-6)
+
+
+def test_same_seed_same_trace(tiny_model):
+    cfg = GenerationConfig("two yellow stars", seed=11, steps=3, guidance=3.0)
+    a, b = generate_trace(tiny_model, cfg), generate_trace(tiny_model, cfg)
+    assert [t.__dict__ for t in a.tokens] == [t.__dict__ for t in b.tokens]
+    for ra, rb in zip(a.steps, b.steps, strict=True):
+        assert ra.timestep == rb.timestep
+        for g in ra.cross:
+            assert np.array_equal(ra.cross[g], rb.cross[g])
+        assert np.array_equal(ra.self_step, rb.self_step)
+    assert np.array_equal(a.self_aggregate, b.self_aggregate)
+    assert np.array_equal(np.asarray(a.final), np.asarray(b.final))
+    assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(a.previews, b.previews, strict=True))
+
+
+def test_previews_one_per_step_small(tiny_model):
+    trace = generate_trace(tiny_model, GenerationConfig("a green square", seed=2, steps=4, guidance=3.0))
+    assert len(trace.previews) == 4
+    assert all(max(p.size) <= 256 for p in trace.previews)
+    # the last step's predicted x0 is close to the final image
+    last = np.asarray(trace.previews[-1], dtype=float)
+    final = np.asarray(trace.final.resize(trace.previews[-1].size), dtype=float)
+    assert np.abs(last - final).mean() < 20

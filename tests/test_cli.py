@@ -1,0 +1,83 @@
+"""The `stepx` console script, run as a user would: real processes, real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stepx(*args: str, store: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if store is not None:
+        env["STEPX_STORE"] = str(store)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "   "], "prompt is empty"),
+        (["generate", "a cat", "--model", "nope"], "unknown model 'nope'"),
+        (["generate", "a cat", "--width", "100"], "multiple of 8"),
+        (["generate", "a cat", "--height", "-8"], "greater than 0"),
+        (["generate", "a cat", "--steps", "0"], "greater than 0"),
+        (["generate", "a cat", "--steps", "-3"], "greater than 0"),
+        (["generate", "a cat", "--steps", "many"], "whole number"),
+        (["generate", "a cat", "--guidance", "nan"], "between 0 and 50"),
+        (["generate", "a cat", "--seed", "-1"], "between 0"),
+        (["generate", "a\x07cat", "--model", "tiny-random"], "control characters"),
+        (["generate", "a cat", "--model", "sd15"], "not found in the Hugging Face cache"),
+        (["generate", "a cat", "--model-path", "/nonexistent"], "no diffusers pipeline"),
+        (["show", "no-such-run"], "no run 'no-such-run'"),
+        (["sql", "DROP VIEW runs"], "only SELECT"),
+        (["sql", "SELECT * FROM read_text('/etc/hostname')"], "refused"),
+        (["index"], "required: action"),
+        (["index", "drop"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_one_clear_line(tmp_path, args, needle):
+    res = stepx(*args, store=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert needle in lines[0]
+
+
+def test_generate_then_read_back(tmp_path):
+    res = stepx("generate", "a red circle on the left", "--model", "tiny-random", "--steps", "3", "--seed", "4",
+                "--store", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.strip()
+    assert (tmp_path / "runs" / run_id / "cross_attention.parquet").is_file()
+    assert "step   3/3" in res.stderr
+    listing = stepx("runs", store=tmp_path)
+    assert run_id in listing.stdout and "a red circle on the left" in listing.stdout
+    show = stepx("show", run_id, store=tmp_path)
+    assert "tiny-random" in show.stdout and "2:circle" in show.stdout
+    q = stepx("sql", "SELECT word, count(*) AS n FROM word_step_stats WHERE level='all' GROUP BY word ORDER BY word",
+              "--format", "json", store=tmp_path)
+    rows = json.loads(q.stdout)
+    assert {"word": "circle", "n": 3} in rows
+    csv_out = stepx("sql", "SELECT seed FROM runs", "--format", "csv", store=tmp_path)
+    assert csv_out.stdout.split() == ["seed", "4"]
+    rebuilt = stepx("index", "rebuild", store=tmp_path)
+    assert rebuilt.returncode == 0 and "indexed 1 runs" in rebuilt.stdout
+
+
+def test_models_lists_registry():
+    res = stepx("models")
+    assert res.returncode == 0
+    for name in ("sd15", "sd21-base", "sdxl", "shapes", "tiny-random"):
+        assert name in res.stdout
