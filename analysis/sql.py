@@ -33,7 +33,9 @@ def run_readonly(cur: duckdb.DuckDBPyConnection, query: str, max_rows: int, time
     kind = statements[0].type
     if kind not in ALLOWED:
         name = str(kind).rsplit(".", 1)[-1]
-        raise QueryError(f"only SELECT queries are allowed here; {name} statements are refused (the store is read-only)")
+        raise QueryError(
+            f"only SELECT queries are allowed here; {name} statements are refused (the store is read-only)"
+        )
     timer = threading.Timer(timeout_s, cur.interrupt)
     t0 = time.perf_counter()
     timer.start()

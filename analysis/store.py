@@ -195,9 +195,7 @@ class Store:
 
     def tokens(self, run_id: str) -> list[dict]:
         """The run's tokens in order (start, word pieces, end)."""
-        cur = self.cursor().execute(
-            "SELECT * FROM tokens WHERE run_id = ? ORDER BY token_index", [run_id]
-        )
+        cur = self.cursor().execute("SELECT * FROM tokens WHERE run_id = ? ORDER BY token_index", [run_id])
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
         if not rows:
@@ -320,9 +318,7 @@ class Store:
             w = int(table.column("level_width")[int(idx[0])].as_py())
             flat = maps_col.take(pa.array(idx)).flatten().to_numpy(zero_copy_only=False)
             arr = np.zeros((len(step_ids), len(tokens), h, w), dtype=np.float32)
-            arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(
-                len(idx), h, w
-            )
+            arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(len(idx), h, w)
             out[level] = arr
         return out
 
@@ -351,7 +347,9 @@ class Store:
             ["kind", "step_index", "grid_height", "grid_width", "row_scale", "values"],
         )
         if table.num_rows == 0:
-            raise StoreError(f"run {run_id} has no self-attention for {'all steps' if step is None else f'step {step}'}")
+            raise StoreError(
+                f"run {run_id} has no self-attention for {'all steps' if step is None else f'step {step}'}"
+            )
         row = {c: table.column(c)[0].as_py() for c in ("grid_height", "grid_width", "step_index")}
         grid = (row["grid_height"], row["grid_width"])
         n = grid[0] * grid[1]

@@ -94,14 +94,21 @@ def plan_grids(unet: torch.nn.Module, latent: Grid) -> tuple[Grid, Grid, list[Gr
 def pool_attention(probs: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
     """Downsample a (queries, keys) self-attention matrix on grid `src` to grid `dst`.
 
-    Query rows are averaged over each destination cell; keys are pooled the same way and rows
-    renormalised, so each row stays a probability distribution.
+    Query rows are averaged over each destination cell and key probabilities summed over it, so
+    each row stays a probability distribution. Integer factors use reshapes (fast); other ratios
+    fall back to adaptive average pooling with rows renormalised.
     """
     if src == dst:
         return probs
-    q = probs.reshape(src[0], src[1], src[0] * src[1]).permute(2, 0, 1)  # (keys, qh, qw)
-    q = F.adaptive_avg_pool2d(q, dst).reshape(src[0] * src[1], dst[0] * dst[1]).T  # (q', keys)
-    k = F.adaptive_avg_pool2d(q.reshape(-1, src[0], src[1]), dst).reshape(dst[0] * dst[1], -1)
+    (sh, sw), (dh, dw) = src, dst
+    if sh % dh == 0 and sw % dw == 0:
+        fh, fw = sh // dh, sw // dw
+        k = sh * sw
+        rows = probs.reshape(dh, fh, dw, fw, k).mean(dim=(1, 3)).reshape(dh * dw, k)  # (q', keys)
+        return rows.reshape(dh * dw, dh, fh, dw, fw).sum(dim=(2, 4)).reshape(dh * dw, dh * dw)  # (q', k')
+    q = probs.reshape(sh, sw, sh * sw).permute(2, 0, 1)  # (keys, qh, qw)
+    q = F.adaptive_avg_pool2d(q, dst).reshape(sh * sw, dh * dw).T  # (q', keys)
+    k = F.adaptive_avg_pool2d(q.reshape(-1, sh, sw), dst).reshape(dh * dw, -1)
     return k / k.sum(dim=-1, keepdim=True)  # (q', k')
 
 
@@ -186,9 +193,9 @@ class AttentionRecorder:
     ) -> None:
         """Record softmax(QK^T*scale) of the conditional image; query/key are (batch, heads, L, d)."""
         cond = query.shape[0] // 2 if self.plan.cfg else 0
-        q = query[cond].float()  # (heads, queries, d)
+        q = query[cond].float() * scale  # (heads, queries, d)
         k = key[cond].float()  # (heads, keys, d)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (heads, queries, keys)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (heads, queries, keys)
         if mask is not None:
             scores = scores + mask[cond].float()
         probs = scores.softmax(dim=-1).mean(dim=0)  # (queries, keys), heads averaged

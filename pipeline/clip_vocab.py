@@ -23,9 +23,7 @@ def byte_alphabet() -> list[str]:
     Printable bytes stand for themselves and come first; the other bytes follow, mapped to 256+n.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
@@ -33,7 +31,8 @@ def byte_alphabet() -> list[str]:
 
 def convert(bpe_gz: Path, out_dir: Path) -> tuple[int, int]:
     """Write vocab.json and merges.txt; return (vocab size, merge count)."""
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     alphabet = byte_alphabet()
     vocab = alphabet + [ch + "</w>" for ch in alphabet] + ["".join(m) for m in merges]

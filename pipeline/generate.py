@@ -161,16 +161,16 @@ def decode_previews(pipe: object, x0: list[torch.Tensor], batch: int = 8) -> lis
 def run_pipeline(model: LoadedModel, cfg: GenerationConfig, callback: object = None) -> Image.Image:
     """Call the model's pipeline for a resolved config; returns the final image."""
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    kwargs = dict(
-        prompt=cfg.prompt,
-        negative_prompt=cfg.negative_prompt or None,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
-        width=cfg.width,
-        height=cfg.height,
-        generator=generator,
-        output_type="pil",
-    )
+    kwargs = {
+        "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt or None,
+        "num_inference_steps": cfg.steps,
+        "guidance_scale": cfg.guidance,
+        "width": cfg.width,
+        "height": cfg.height,
+        "generator": generator,
+        "output_type": "pil",
+    }
     if callback is not None:
         kwargs["callback_on_step_end"] = callback
     return model.pipe(**kwargs).images[0]

@@ -216,9 +216,7 @@ def rebuild_index(root: Path) -> RebuildReport:
         old = read_manifest(root)
         m = Manifest(generation=old.generation)
         now = time.time()
-        m.retired = old.retired + [
-            {"file": s["file"], "at": now} for segs in old.segments.values() for s in segs
-        ]
+        m.retired = old.retired + [{"file": s["file"], "at": now} for segs in old.segments.values() for s in segs]
         run_ids = list_run_dirs(root)
         chunk = 512
         for i in range(0, len(run_ids), chunk):

@@ -220,9 +220,7 @@ def load_model(
         path = locate(spec, model_path)
         if path is None:
             raise ModelNotFoundError(missing_message(spec, model_path))
-        pipe = DiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, local_files_only=True, safety_checker=None
-        )
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
         model_id = _model_id(spec, path)
         fingerprint = folder_fingerprint(path)
     pipe.set_progress_bar_config(disable=True)

@@ -91,11 +91,19 @@ def synth_trace(
             arr = arr / (arr.sum(axis=0, keepdims=True) * rng.uniform(1.2, 2.0))  # rest goes to <start>
             cross[grid] = arr.astype(np.float32)
         self_step = _self_matrix(rng, step_grid, 0.05 + 0.1 * sharp)
-        records.append(StepRecord(s, 999.0 * (1 - s / steps), cross, {g: 2 for g in levels}, self_step, 4))
+        records.append(StepRecord(s, 999.0 * (1 - s / steps), cross, dict.fromkeys(levels, 2), self_step, 4))
     tint = rng.integers(0, 255, size=3)
     preview = [
-        Image.fromarray((np.clip(_blob((preview_px, preview_px), (0.5, 0.5), 0.3)[..., None] * tint
-                                 + 20 * rng.random((preview_px, preview_px, 1)), 0, 255)).astype(np.uint8))
+        Image.fromarray(
+            (
+                np.clip(
+                    _blob((preview_px, preview_px), (0.5, 0.5), 0.3)[..., None] * tint
+                    + 20 * rng.random((preview_px, preview_px, 1)),
+                    0,
+                    255,
+                )
+            ).astype(np.uint8)
+        )
         for _ in range(steps)
     ]
     final = preview[-1].resize((px, px))

@@ -173,9 +173,7 @@ def _row_group_size(name: str, table: pa.Table, steps: int) -> int:
     return max(1, table.num_rows)
 
 
-def write_tables(
-    root: Path, run_id: str, tables: dict[str, pa.Table], steps: int, index: bool = True
-) -> WrittenRun:
+def write_tables(root: Path, run_id: str, tables: dict[str, pa.Table], steps: int, index: bool = True) -> WrittenRun:
     """Write a run folder atomically and (unless index=False, for bulk loads) index it."""
     final = run_dir(root, run_id)
     if final.exists():

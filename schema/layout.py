@@ -1,9 +1,9 @@
 """Where things live in a store folder; shared by the writer, the index and the readers.
 
-    <store>/runs/<run_id>/<table>.parquet   one immutable folder per complete run
-    <store>/tmp/                             runs being written (never read)
-    <store>/index/manifest.json              the index: segment files per table, run ids
-    <store>/index/<table>-<n>.parquet        index segments (copies of the small tables)
+<store>/runs/<run_id>/<table>.parquet   one immutable folder per complete run
+<store>/tmp/                             runs being written (never read)
+<store>/index/manifest.json              the index: segment files per table, run ids
+<store>/index/<table>-<n>.parquet        index segments (copies of the small tables)
 """
 
 from __future__ import annotations

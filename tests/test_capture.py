@@ -16,7 +16,9 @@ from pipeline.tiny import build_tiny_pipeline
 
 def _latents(pipe, prompt="a red circle", seed=3, steps=3, guidance=3.0, **kw) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent", **kw).images
+    return pipe(
+        prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent", **kw
+    ).images
 
 
 def _plan(pipe, latent, cfg=True, guidance=3.0):
@@ -98,9 +100,13 @@ def test_only_captured_modules_swapped(tiny_model):
 )
 def test_real_block_layout_captures_every_level(layout, px, levels, self_grid, step_grid):
     pipe = build_tiny_pipeline(layout)
-    model = LoadedModel(load_model("tiny-random").spec, pipe, f"in-process:{layout}", module_fingerprint(pipe.unet), "cpu", "float32")
+    model = LoadedModel(
+        load_model("tiny-random").spec, pipe, f"in-process:{layout}", module_fingerprint(pipe.unet), "cpu", "float32"
+    )
     pipe.set_progress_bar_config(disable=True)
-    trace = generate_trace(model, GenerationConfig("a cat on a mat", steps=2, guidance=7.5, width=px, height=px), check_sums=True)
+    trace = generate_trace(
+        model, GenerationConfig("a cat on a mat", steps=2, guidance=7.5, width=px, height=px), check_sums=True
+    )
     assert trace.levels == levels
     for rec in trace.steps:
         assert sorted(rec.cross, key=lambda g: -g[0]) == levels

@@ -18,7 +18,12 @@ def stepx(*args: str, store: Path | None = None, timeout: int = 300) -> subproce
     if store is not None:
         env["STEPX_STORE"] = str(store)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -56,8 +61,18 @@ def test_bad_arguments_one_clear_line(tmp_path, args, needle):
 
 
 def test_generate_then_read_back(tmp_path):
-    res = stepx("generate", "a red circle on the left", "--model", "tiny-random", "--steps", "3", "--seed", "4",
-                "--store", str(tmp_path))
+    res = stepx(
+        "generate",
+        "a red circle on the left",
+        "--model",
+        "tiny-random",
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--store",
+        str(tmp_path),
+    )
     assert res.returncode == 0, res.stderr
     run_id = res.stdout.strip()
     assert (tmp_path / "runs" / run_id / "cross_attention.parquet").is_file()
@@ -66,8 +81,13 @@ def test_generate_then_read_back(tmp_path):
     assert run_id in listing.stdout and "a red circle on the left" in listing.stdout
     show = stepx("show", run_id, store=tmp_path)
     assert "tiny-random" in show.stdout and "2:circle" in show.stdout
-    q = stepx("sql", "SELECT word, count(*) AS n FROM word_step_stats WHERE level='all' GROUP BY word ORDER BY word",
-              "--format", "json", store=tmp_path)
+    q = stepx(
+        "sql",
+        "SELECT word, count(*) AS n FROM word_step_stats WHERE level='all' GROUP BY word ORDER BY word",
+        "--format",
+        "json",
+        store=tmp_path,
+    )
     rows = json.loads(q.stdout)
     assert {"word": "circle", "n": 3} in rows
     csv_out = stepx("sql", "SELECT seed FROM runs", "--format", "csv", store=tmp_path)

@@ -25,6 +25,7 @@ from analysis.store import GLOBAL, RunDataMissing, RunNotFound, Store, WordNotFo
 from pipeline.index import rebuild_index, update_index
 from pipeline.synth import synth_store
 from schema import SchemaVersionError
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +40,7 @@ def test_round_trip_metadata_tokens(traced_store):
     assert run["schema_version"] == "1.0" and run["levels"] == ["32x32", "16x16"]
     assert json.loads(run["config_json"])["model"] == "tiny-random"
     words = store.words(trace.run["run_id"])
-    assert [w.word for w in words] == "a red circle on the left and a blue square".split()
+    assert [w.word for w in words] == ["a", "red", "circle", "on", "the", "left", "and", "a", "blue", "square"]
     tokens = store.tokens(trace.run["run_id"])
     assert tokens[0]["kind"] == "start" and not tokens[0]["has_map"]
     assert tokens[-1]["kind"] == "end" and tokens[-1]["has_map"]
@@ -61,7 +62,12 @@ def test_round_trip_word_maps(traced_store):
     np.testing.assert_allclose(store.word_map(rid, "circle"), total, rtol=1e-4, atol=1e-6)
     words_only = [i for i, t in enumerate(stored) if t.kind == "word"]
     g16 = store.word_map(rid, GLOBAL, step=0, levels=["16x16"])
-    np.testing.assert_allclose(g16, aggregate_levels([rec0 := trace.steps[0].cross[(16, 16)][words_only].mean(axis=0)], 32, 32), rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        g16,
+        aggregate_levels([rec0 := trace.steps[0].cross[(16, 16)][words_only].mean(axis=0)], 32, 32),
+        rtol=2e-3,
+        atol=1e-5,
+    )
     assert rec0.shape == (16, 16)
     with pytest.raises(WordNotFound, match="circle"):
         store.word_map(rid, "dog")

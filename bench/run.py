@@ -1,0 +1,259 @@
+"""StepX benchmarks: `make bench` (or `python -m bench.run [--quick]`) writes bench/results.json.
+
+Ratios are measured side by side in one run (traced and untraced calls interleaved, medians), so
+machine noise hits both sides alike. Targets come from the issues and are recorded beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TMP = HERE / "tmp"
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, pairs: int, guidance: float) -> dict:
+    """Median traced / untraced denoising time of one pipeline, calls interleaved."""
+    import torch
+
+    from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids
+    from pipeline.generate import GenerationConfig, prompt_tokens, run_pipeline
+    from pipeline.models import LoadedModel, load_model, module_fingerprint
+
+    if layout == "sd15-full":
+        model = LoadedModel(load_model("tiny-random").spec, _sd15_random(), "random:sd15-config", "", "cpu", "float32")
+        model.fingerprint = module_fingerprint(model.pipe.unet)[:8]
+    else:
+        model = load_model(model_name, device="cpu")
+    pipe = model.pipe
+    cfg = GenerationConfig(
+        "a red circle on the left and a blue square on the right",
+        seed=0,
+        steps=steps,
+        guidance=guidance,
+        width=px,
+        height=px,
+    ).resolved(model)
+    tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
+    latent = (cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
+    self_grid, step_grid, levels = plan_grids(pipe.unet, latent)
+    plan = CapturePlan(
+        latent, tuple(t.token_index for t in tokens if t.has_map), self_grid, step_grid, cfg.guidance > 1, cfg.guidance
+    )
+    plain, traced = [], []
+    run_pipeline(model, cfg)  # warm-up
+    for i in range(pairs):
+        order = ["plain", "traced"] if i % 2 == 0 else ["traced", "plain"]
+        for kind in order:
+            t0 = time.perf_counter()
+            if kind == "plain":
+                run_pipeline(model, cfg)
+                plain.append(time.perf_counter() - t0)
+            else:
+                rec = AttentionRecorder(plan)
+                with attention_capture(pipe, rec):
+                    run_pipeline(model, cfg)
+                traced.append(time.perf_counter() - t0)
+    torch.set_num_threads(torch.get_num_threads())
+    return {
+        "model": model_name if layout != "sd15-full" else "sd15 architecture, random weights",
+        "size_px": px,
+        "steps": steps,
+        "guidance": guidance,
+        "levels": [f"{h}x{w}" for h, w in levels],
+        "self_grid": f"{self_grid[0]}x{self_grid[1]}",
+        "step_grid": f"{step_grid[0]}x{step_grid[1]}",
+        "pairs": pairs,
+        "untraced_s_median": round(_median(plain), 4),
+        "traced_s_median": round(_median(traced), 4),
+        "overhead_ratio": round(_median(traced) / _median(plain), 4),
+        "target_ratio": 1.10,
+    }
+
+
+def _sd15_random():
+    """Stable Diffusion 1.5's real architecture (UNet, VAE, CLIP ViT-L text encoder), random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipeline.tiny import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        scaling_factor=0.18215,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    sched = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trace_bytes(model_name: str) -> dict:
+    """Bytes on disk of one traced run at the model's defaults."""
+    from pipeline.generate import GenerationConfig, generate_trace
+    from pipeline.models import load_model
+    from pipeline.trace_writer import write_trace
+
+    store = TMP / f"trace-{model_name}"
+    shutil.rmtree(store, ignore_errors=True)
+    model = load_model(model_name, device="cpu")
+    trace = generate_trace(model, GenerationConfig("a red circle on the left and a blue square on the right"))
+    written = write_trace(store, trace)
+    files = {p.name: p.stat().st_size for p in written.path.glob("*.parquet")}
+    return {
+        "model": model_name,
+        "steps": trace.run["steps"],
+        "size_px": trace.run["width"],
+        "bytes": written.bytes,
+        "files": files,
+    }
+
+
+def projected_sd15_bytes() -> dict:
+    """A synthetic trace with SD 1.5 geometry (512 px, 50 steps, 12 prompt tokens) through the real writer."""
+    from pipeline.synth import synth_trace
+    from pipeline.trace_writer import build_tables, write_tables
+
+    store = TMP / "sd15-projection"
+    shutil.rmtree(store, ignore_errors=True)
+    trace = synth_trace(np.random.default_rng(0), datetime(2026, 1, 1, tzinfo=UTC), "sd15", steps=50, n_words=12)
+    written = write_tables(store, trace.run["run_id"], build_tables(trace), 50)
+    files = {p.name: p.stat().st_size for p in written.path.glob("*.parquet")}
+    return {
+        "geometry": "sd15 512px, 50 steps, 12 prompt tokens (+ end token), synthetic maps",
+        "bytes": written.bytes,
+        "mb": round(written.bytes / 1e6, 2),
+        "files": files,
+        "target_mb": 10,
+    }
+
+
+def lookup_latency(n_runs: int, lookups: int = 300) -> dict:
+    """Word-map lookups (random run, word, step; cold per-run cache) on a synthetic store."""
+    from analysis.store import GLOBAL, Store
+    from pipeline.synth import synth_store
+
+    store_dir = TMP / f"synth-{n_runs}"
+    marker = store_dir / ".complete"
+    build = {}
+    if not marker.exists():
+        shutil.rmtree(store_dir, ignore_errors=True)
+        build = synth_store(store_dir, n_runs, steps=20, seed=1)
+        marker.touch()
+    store = Store(store_dir, cache_runs=8)
+    runs = [r["run_id"] for r in store.runs()]
+    rng = random.Random(0)
+    times = []
+    for _ in range(lookups):
+        rid = rng.choice(runs)
+        t0 = time.perf_counter()
+        words = store.words(rid)
+        word = rng.choice([GLOBAL] + [w.word for w in words])
+        store.word_map(rid, word, step=rng.randrange(20))
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "runs": n_runs,
+        "lookups": lookups,
+        "p50_ms": round(_pct(times, 50), 2),
+        "p95_ms": round(_pct(times, 95), 2),
+        "target_p50_ms": 10,
+        "store_build": build,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="skip the SD 1.5-architecture timing")
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    import diffusers
+    import torch
+
+    torch.set_num_threads(1)
+    TMP.mkdir(exist_ok=True)
+    results: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+            "torch_threads": 1,
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    from pipeline.models import locate, REGISTRY  # noqa: I001
+
+    default = "shapes" if locate(REGISTRY["shapes"]) else "tiny-random"
+    results["capture_overhead"] = [capture_overhead(default, None, REGISTRY[default].size, 20, 7, 3.0)]
+    if not args.quick:
+        results["capture_overhead"].append(capture_overhead("sd15", "sd15-full", 256, 2, 3, 7.5))
+    results["trace_bytes"] = trace_bytes(default)
+    results["projected_sd15_trace"] = projected_sd15_bytes()
+    results["word_map_lookup"] = lookup_latency(1000)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
