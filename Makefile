@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	$(BIN)/pytest -m "" -q
+	$(BIN)/pytest -m ""
 
 test-fast: setup
 	$(BIN)/pytest
