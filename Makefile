@@ -32,5 +32,10 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
+PORT ?= 8501
+
 demo: setup
-	@echo "dashboard comes with issue 4; for now: $(BIN)/stepx generate 'a red circle on the left'"
+	$(BIN)/stepx gallery build
+	@echo "StepX dashboard: http://localhost:$(PORT)"
+	$(BIN)/streamlit run dashboard/app.py --server.headless true --server.port $(PORT) \
+		--browser.gatherUsageStats false

@@ -336,6 +336,13 @@ class Store:
         per_level = [m.mean(axis=1).sum(axis=0) for m in maps.values()]  # (h, w) each
         return aggregate_levels(per_level, run["latent_height"], run["latent_width"])
 
+    def token_maps(self, run_id: str, levels: list[str] | None = ALL_LEVELS) -> tuple[list[int], np.ndarray]:
+        """(stored token indices, (steps, tokens, H, W) DAAM maps on the latent grid) for every step."""
+        run = self.run(run_id)
+        tokens = [t["token_index"] for t in self.tokens(run_id) if t["has_map"]]
+        maps = self.cross_maps(run_id, tokens, None, levels)
+        return tokens, aggregate_levels(list(maps.values()), run["latent_height"], run["latent_width"])
+
     def self_attention(self, run_id: str, step: int | None = None) -> SelfAttention:
         """The step-aggregated self-attention (step=None) or one step's, dequantised."""
         kind = "aggregate" if step is None else "step"

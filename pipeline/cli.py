@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from schema.layout import store_root
 
@@ -106,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", parents=[common], help="maintain the store's index")
     i.add_argument("action", choices=["rebuild"])
 
-    sub.add_parser("models", parents=[common], help="list registered models and where their weights are")
+    mo = sub.add_parser("models", parents=[common], help="list registered models and where their weights are")
+    mo.add_argument("--format", choices=["table", "json"], default="table")
+
+    ga = sub.add_parser("gallery", parents=[common], help="build a curated gallery from a spec")
+    ga.add_argument("action", choices=["build"])
+    ga.add_argument("--spec", help="gallery spec JSON (default data/gallery/curated.json)")
+    ga.add_argument("--model", help="override the spec's model")
 
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
     y.add_argument("--runs", type=_positive_int, required=True)
@@ -146,9 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         def progress(step: int, total: int) -> None:
             bar = "#" * (20 * step // total)
             end = "\r" if tty and step < total else "\n"
-            if tty or step == total:
-                sys.stderr.write(f"step {step:>3}/{total} [{bar:<20}]{end}")
-                sys.stderr.flush()
+            sys.stderr.write(f"step {step:>3}/{total} [{bar:<20}]{end}")
+            sys.stderr.flush()
 
         trace = generate_trace(model, config, on_step=progress)
     except (GenerationError, ModelNotFoundError) as exc:
@@ -219,12 +225,45 @@ def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.models import REGISTRY, availability, default_model_name
 
     default = default_model_name()
-    rows = []
+    entries = []
     for spec in REGISTRY.values():
         ok, where = availability(spec)
-        rows.append((spec.name + (" *" if spec.name == default else ""), "yes" if ok else "no", spec.title, where))
-    _print_rows(["model", "present", "title", "where / how to get it"], rows, "table")
-    print("\n* default model", file=sys.stderr)
+        entries.append(
+            {
+                "name": spec.name,
+                "title": spec.title,
+                "present": ok,
+                "where": where,
+                "default": spec.name == default,
+                "size": spec.size,
+                "steps": spec.steps,
+                "guidance": spec.guidance,
+            }
+        )
+    if args.format == "json":
+        print(json.dumps(entries))
+        return 0
+    for e in entries:
+        mark = " (default)" if e["default"] else ""
+        print(f"{e['name']}{mark}: {e['title']} - {'present' if e['present'] else 'absent'}\n    {e['where']}")
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from pipeline.gallery import DEFAULT_SPEC, build_gallery
+    from pipeline.models import ModelNotFoundError
+
+    def progress(i: int, n: int, run_id: str) -> None:
+        print(f"run {i}/{n}: {run_id}", file=sys.stderr, flush=True)
+
+    spec = Path(args.spec) if args.spec else DEFAULT_SPEC
+    if not spec.is_file():
+        raise CliError(f"stepx gallery: no spec file {spec}", 2)
+    try:
+        report = build_gallery(store_root(args.store), spec, args.model, progress)
+    except ModelNotFoundError as exc:
+        raise CliError(f"stepx gallery: {exc}") from None
+    print(json.dumps(report))
     return 0
 
 
@@ -243,6 +282,7 @@ COMMANDS = {
     "sql": cmd_sql,
     "index": cmd_index,
     "models": cmd_models,
+    "gallery": cmd_gallery,
     "synth": cmd_synth,
 }
 
@@ -262,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StoreError, SchemaVersionError) as exc:
         print(f"stepx: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         print("stepx: interrupted", file=sys.stderr)
         return 130

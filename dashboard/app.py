@@ -1,0 +1,22 @@
+"""StepX dashboard: `streamlit run dashboard/app.py`. Reads traces; never imports torch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="StepX", page_icon=":material/blur_on:", layout="wide")
+
+PAGES = [
+    st.Page("pages/gallery.py", title="Gallery", icon=":material/photo_library:", default=True),
+    st.Page("pages/inspect.py", title="Generate & Inspect", icon=":material/center_focus_strong:"),
+    st.Page("pages/guide.py", title="Guide", icon=":material/menu_book:"),
+]
+
+st.navigation(PAGES).run()

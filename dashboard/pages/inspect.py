@@ -1,0 +1,148 @@
+"""Generate & Inspect: make an image, pick a word, move through the denoising steps, export."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.store import GLOBAL, Word
+from dashboard.export import export_all
+from dashboard.generate import generate_panel
+from dashboard.render import COLORMAPS, decode, gif_bytes, overlay
+from dashboard.state import guarded, image_bytes, select_run, store, store_path, word_map
+
+DISPLAY_PX = 512
+
+
+def pick_run(runs: list[dict]) -> str:
+    """The run to inspect: the one chosen elsewhere, the URL's, or the newest."""
+    ids = [r["run_id"] for r in runs]
+    wanted = st.session_state.get("run_id") or st.query_params.get("run")
+    if wanted and wanted not in ids:
+        st.warning(f"Run {wanted} is not in this store; showing the newest run instead.")
+        wanted = None
+    labels = {r["run_id"]: f"{r['prompt'][:70]} · {r['model_name']} · seed {r['seed']}" for r in runs}
+    choice = st.selectbox(
+        "Run", ids, index=ids.index(wanted) if wanted else 0, format_func=labels.get, key="inspect_run_select"
+    )
+    if choice != st.session_state.get("run_id"):
+        select_run(choice)
+    st.query_params["run"] = choice
+    return choice
+
+
+def word_picker(words: list[Word]) -> str | int:
+    """Global first, then each prompt word (repeated words labelled by position)."""
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w.word] = counts.get(w.word, 0) + 1
+    options: list[str | int] = [GLOBAL] + [w.word_index for w in words]
+    names = {w.word_index: (w.word if counts[w.word] == 1 else f"{w.word} (word {w.word_index + 1})") for w in words}
+    asked = st.query_params.get("word")
+    if asked and "inspect_word" not in st.session_state:
+        match = [w.word_index for w in words if w.word.casefold() == asked.casefold()]
+        if match:
+            st.session_state["inspect_word"] = match[0]
+        else:
+            st.warning(f"'{asked}' is not a word of this prompt; showing Global. Words: {', '.join(names.values())}")
+    if st.session_state.get("inspect_word") not in options:
+        st.session_state.pop("inspect_word", None)
+    return st.radio(
+        "Word",
+        options,
+        format_func=lambda o: "Global (all words)" if o == GLOBAL else names[o],
+        horizontal=True,
+        key="inspect_word",
+    )
+
+
+def step_picker(steps: int) -> int | None:
+    """A denoising step (0-based), or None for the sum over all steps."""
+    all_steps = st.toggle("All steps (aggregate)", value=False, key="inspect_all_steps")
+    step = st.slider("Step", 1, steps, steps, key="inspect_step", disabled=all_steps)
+    return None if all_steps else step - 1
+
+
+def display_controls(levels: list[str]) -> tuple[float, str, tuple[str, ...] | None]:
+    """Overlay alpha, colormap, and the resolution levels to combine (None = all)."""
+    a, b = st.columns(2)
+    alpha = a.slider("Overlay alpha", 0.0, 1.0, 0.6, 0.05, key="inspect_alpha")
+    cmap = b.selectbox("Colormap", list(COLORMAPS), key="inspect_cmap")
+    chosen = st.multiselect("Resolution levels", levels, default=levels, key="inspect_levels")
+    if not chosen:
+        st.info("No level selected: showing all levels.")
+    return alpha, cmap, (tuple(chosen) if chosen and len(chosen) < len(levels) else None)
+
+
+def word_label(words: list[Word], word: str | int) -> str:
+    return "Global" if word == GLOBAL else next(w.word for w in words if w.word_index == word)
+
+
+def body() -> None:
+    st.title("Generate & Inspect")
+    s = store()
+    root = store_path()
+    runs = s.runs()
+    generate_panel(expanded=not runs)
+    if not runs:
+        st.info("No runs yet: generate one above, or build the curated gallery with `make demo`.")
+        return
+    run_id = pick_run(runs)
+    run = s.run(run_id)
+    words = s.words(run_id)
+    st.markdown(f"**{run['prompt']}**")
+    st.caption(
+        f"{run['model_name']} · seed {run['seed']} · {run['steps']} steps · guidance {run['guidance']:g} · "
+        f"{run['width']}x{run['height']} px · {run['scheduler']} · run `{run_id}`"
+    )
+    if not words:
+        st.warning("This prompt has no words to inspect.")
+        return
+    left, right = st.columns([3, 2])
+    with right:
+        st.subheader("Attention Controls")
+        word = word_picker(words)
+        step = step_picker(run["steps"])
+        alpha, cmap, levels = display_controls(list(run["levels"]))
+    heat = word_map(root, run_id, word, step, levels)
+    base = decode(image_bytes(root, run_id, step))
+    size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
+    label = word_label(words, word)
+    where = "all steps (sum)" if step is None else f"step {step + 1} of {run['steps']}"
+    with left:
+        st.image(overlay(base, heat, alpha, cmap, size=size), caption=f"{label} · {where}", width="stretch")
+        st.caption(
+            f"Raw values: min {heat.min():.4g}, max {heat.max():.4g} (attention probability per latent pixel, "
+            f"{'levels ' + ', '.join(levels) if levels else 'all levels'} averaged"
+            f"{', summed over steps' if step is None else ''}); the colours are scaled to the max."
+        )
+        with st.expander("Final image"):
+            st.image(image_bytes(root, run_id, None), width=min(DISPLAY_PX, run["width"] * 4))
+    with right:
+        downloads(run_id, run, word, label, levels, alpha, cmap, size)
+
+
+def downloads(run_id: str, run: dict, word: str | int, label: str, levels, alpha: float, cmap: str, size) -> None:
+    """GIF of the word over the steps and the Export All ZIP, each built only when asked."""
+    root = store_path()
+    st.subheader("Export")
+    key = (run_id, word, levels, alpha, cmap)
+    if st.button("GIF Animation", key="make_gif", help="The selected word over every step"):
+        maps = [word_map(root, run_id, word, s, levels) for s in range(run["steps"])]
+        vmax = max(float(m.max()) for m in maps)
+        frames = [overlay(decode(image_bytes(root, run_id, s)), m, alpha, cmap, vmax, size) for s, m in enumerate(maps)]
+        st.session_state["gif"] = (key, gif_bytes(frames))
+    gif = st.session_state.get("gif")
+    if gif and gif[0] == key:
+        st.image(gif[1], caption=f"{label} over {run['steps']} steps (fixed colour scale)")
+        st.download_button("Download GIF", gif[1], f"stepx-{run_id}-{label}.gif", "image/gif", key="dl_gif")
+    if st.button("Export All", key="make_zip", help="Every token x step map, values CSV, GIFs, metadata"):
+        with st.spinner("Building the ZIP..."):
+            st.session_state["zip"] = (run_id, export_all(store(), run_id, cmap, alpha))
+    zipped = st.session_state.get("zip")
+    if zipped and zipped[0] == run_id:
+        st.download_button(
+            "Download ZIP", zipped[1], f"stepx-{run_id}.zip", "application/zip", key="dl_zip", type="primary"
+        )
+
+
+guarded(body)
