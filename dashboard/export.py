@@ -56,9 +56,9 @@ def export_all(store: Store, run_id: str, cmap: str = "inferno", alpha: float = 
         zf.writestr("final.png", png_bytes(final))
         zf.writestr(
             "README.txt",
-            "StepX export of run {id}: maps/step-SSS/token-TT-*.png are each token's cross-attention over that "
+            f"StepX export of run {run_id}: maps/step-SSS/token-TT-*.png are each token's cross-attention over that "
             "step's preview (colour scale fixed per token over all steps); values.csv holds the raw map values "
-            "(attention probability, levels averaged on the {h}x{w} latent grid); gifs/ animate each token over "
-            "the steps.\n".format(id=run_id, h=h, w=w),
+            f"(attention probability, levels averaged on the {h}x{w} latent grid); gifs/ animate each token over "
+            "the steps.\n",
         )
     return buf.getvalue()

@@ -6,7 +6,7 @@
 Stages, each resumable from files in the work folder:
 
 1. VAE (`vae.pt`): an `AutoencoderKL` (16, 32, 64) that maps 64 px images to a 16 x 16 x 4 latent,
-   trained a few minutes on rendered scenes with an L1 + tiny KL loss.
+   trained a few minutes on 32 px crops of rendered scenes with an object-weighted L1 + MSE loss.
 2. Data (`data.pt`): training scenes (no held-out combinations) encoded once to latents, with
    caption token ids, which tokens name which object, and object masks on the latent grid.
 3. Denoiser (`ckpt.pt`): a CLIP-style text encoder and a cross-attention `UNet2DConditionModel`
@@ -64,7 +64,7 @@ class Config:
     latent_channels: int = 4
     vae_minutes: float = 6.0
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     # data
     n_scenes: int = 80000
@@ -94,7 +94,7 @@ class Config:
     bf16: bool = True
     # bookkeeping
     ckpt_minutes: float = 5.0
-    eval_minutes: float = 15.0
+    eval_minutes: float = 10.0
     eval_prompts: int = 24
     eval_guidance: float = 2.5
     eval_steps: int = 20
@@ -125,6 +125,7 @@ def make_vae(cfg: Config) -> AutoencoderKL:
         latent_channels=cfg.latent_channels,
         norm_num_groups=8,
         sample_size=cfg.image_size,
+        mid_block_add_attention=False,
     )
 
 
@@ -293,8 +294,19 @@ def scene_masks(scene: scenes.Scene, grid: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- stage 1: VAE
 
 
+def vae_loss_weights(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights (B, 1, H, W): 10 on object pixels, 1 on the plain background."""
+    bg = torch.tensor(scenes.BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1) / 127.5 - 1.0
+    fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).to(x.dtype)
+    return 1.0 + 9.0 * fg
+
+
 def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, float]:
-    """Train (or load) the VAE; returns it with the latent scaling factor."""
+    """Train (or load) the VAE; returns it with the latent scaling factor.
+
+    Trained on random 32 px crops (aligned to the 4 px latent cells) with bf16 autocast and an
+    object-weighted L1 + MSE loss, so the flat background does not drown out colour errors.
+    """
     path = work / "vae.pt"
     vae = make_vae(cfg)
     if path.exists():
@@ -308,33 +320,52 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
     start = time.time()
     step = 0
     limit = cfg.vae_minutes * 60
+    crop = cfg.image_size // 2
     while time.time() - start < limit:
-        if time.time() - start > 0.75 * limit:
-            for group in opt.param_groups:
-                group["lr"] = cfg.vae_lr * 0.2
+        frac = (time.time() - start) / limit
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * (0.5 * (1 + math.cos(math.pi * frac)) * 0.9 + 0.1)
+        rng = np.random.default_rng([cfg.seed, step, 17])
         seeds = [10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)]
-        x = to_tensor_images([scenes.training_scene(s).image for s in seeds])
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        l1 = (rec - x).abs().mean()
-        kl = post.kl().mean()
-        loss = l1 + cfg.vae_kl_weight * kl
+        crops = []
+        for s in seeds:
+            image = scenes.training_scene(s, size=cfg.image_size).image
+            y, x = (rng.integers(0, (cfg.image_size - crop) // 4 + 1, size=2) * 4).tolist()
+            crops.append(image[y:y + crop, x:x + crop])
+        x = to_tensor_images(crops)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        w = vae_loss_weights(x)
+        err = rec.float() - x
+        l1 = (err.abs() * w).mean() / w.mean()
+        mse = (err.pow(2) * w).mean() / w.mean()
+        kl = post.kl().float().mean()
+        loss = l1 + mse + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0:
-            log(f"vae step {step} l1 {l1.item():.4f} kl {kl.item():.1f} "
-                f"{(step + 1) / (time.time() - start):.2f} it/s")
+        if step % 100 == 0:
+            log(f"vae step {step} weighted l1 {l1.item():.4f} mse {mse.item():.4f} "
+                f"kl {kl.item():.1f} {(step + 1) / (time.time() - start):.2f} it/s")
         step += 1
     vae.eval()
+    from analysis.scene_check import check_objects
+
     with torch.no_grad():
-        x = to_tensor_images([scenes.training_scene(20_000_000 + i).image for i in range(512)])
+        held = [scenes.training_scene(20_000_000 + i, size=cfg.image_size) for i in range(256)]
+        x = to_tensor_images([s.image for s in held])
         lat = vae.encode(x).latent_dist.mean
-        l1 = (vae.decode(lat).sample - x).abs().mean().item()
+        rec = vae.decode(lat).sample
+        l1 = (rec - x).abs().mean().item()
+    images = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    judged = [c.correct for s, im in zip(held, images, strict=True)
+              for c in check_objects(im, [o.spec for o in s.objects])]
     sf = float(1.0 / lat.std())
-    log(f"vae done: {step} steps, held-out L1 {l1:.4f}, scaling_factor {sf:.4f}")
+    log(f"vae done: {step} steps, held-out L1 {l1:.4f}, reconstructions judged correct "
+        f"{np.mean(judged):.3f}, scaling_factor {sf:.4f}")
     atomic_save({"state": vae.state_dict(), "scaling_factor": sf, "l1": l1, "steps": step,
-                 "seconds": time.time() - start}, path)
+                 "recon_correct": float(np.mean(judged)), "seconds": time.time() - start}, path)
     return vae, sf
 
 
@@ -359,8 +390,8 @@ def build_data(cfg: Config, work: Path, vae: AutoencoderKL, sf: float,
     for lo in range(0, n, chunk):
         batch = [scenes.training_scene(cfg.seed * 1_000_003 + i, n_objects=1 + i % 3,
                                        size=cfg.image_size) for i in range(lo, min(n, lo + chunk))]
-        with torch.no_grad():
-            lat = vae.encode(to_tensor_images([s.image for s in batch])).latent_dist.mean
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            lat = vae.encode(to_tensor_images([s.image for s in batch])).latent_dist.mean.float()
         latents[lo:lo + len(batch)] = lat * sf
         for j, s in enumerate(batch):
             tok, own = caption_tokens(tokenizer, s.words, cfg.max_length)
@@ -861,9 +892,12 @@ them, with ground-truth masks from the renderer.
 - Tokenizer: CLIP's BPE vocabulary (49,408 ids), `model_max_length` {cfg.max_length} (the longest
   caption is 25 tokens), so few padding tokens compete for attention; the text encoder's
   position embeddings are cut to {cfg.max_length}.
-- VAE: `AutoencoderKL` {cfg.vae_channels}, 4x down to {cfg.latent_channels} x 16 x 16, L1 +
-  {cfg.vae_kl_weight} KL, {vae_blob["steps"]} steps ({vae_blob["seconds"] / 60:.1f} min), held-out
-  L1 {vae_blob["l1"]:.4f}, scaling factor {trainer.sf:.4f}. Latents encoded once.
+- VAE: `AutoencoderKL` {cfg.vae_channels} (no mid-block attention), 4x down to
+  {cfg.latent_channels} x 16 x 16, trained on 32 px crops with L1 + MSE weighted 10x on object
+  pixels + {cfg.vae_kl_weight} KL, {vae_blob["steps"]} steps ({vae_blob["seconds"] / 60:.1f} min);
+  held-out L1 {vae_blob["l1"]:.4f}, reconstructions judged correct by the scene check
+  {vae_blob.get("recon_correct", float("nan")):.3f}; scaling factor {trainer.sf:.4f}. Latents
+  encoded once.
 - Text encoder: CLIP text transformer, hidden {cfg.text_hidden}, {cfg.text_layers} layers,
   {cfg.text_heads} heads, trained jointly with the UNet at {cfg.text_lr_mult}x the UNet's rate.
 - UNet: `UNet2DConditionModel` {cfg.unet_channels}, 1 layer per block, {cfg.unet_heads} heads,
