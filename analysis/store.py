@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.heatmaps import aggregate_levels
@@ -90,6 +91,37 @@ def open_sandboxed(root: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+@dataclass
+class _Catalog:
+    """The index's runs and tokens held in memory (Arrow), with row positions by run id."""
+
+    key: tuple | None
+    runs_table: pa.Table | None
+    run_rows: dict[str, int]
+    tokens_table: pa.Table | None
+    token_rows: dict[str, tuple[int, int]]
+
+    @classmethod
+    def build(cls, key: tuple | None, runs: pa.Table | None, tokens: pa.Table | None) -> _Catalog:
+        run_rows = {r: i for i, r in enumerate(runs.column("run_id").to_pylist())} if runs is not None else {}
+        token_rows: dict[str, tuple[int, int]] = {}
+        if tokens is not None and tokens.num_rows:
+            tokens = tokens.sort_by([("run_id", "ascending"), ("token_index", "ascending")])
+            ids = tokens.column("run_id").to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            ends = np.r_[starts[1:], len(ids)]
+            token_rows = {ids[a]: (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+        return cls(key, runs, run_rows, tokens, token_rows)
+
+    def run(self, run_id: str) -> dict | None:
+        i = self.run_rows.get(run_id)
+        return None if i is None else self.runs_table.slice(i, 1).to_pylist()[0]
+
+    def tokens(self, run_id: str) -> list[dict]:
+        span = self.token_rows.get(run_id)
+        return [] if span is None else self.tokens_table.slice(span[0], span[1] - span[0]).to_pylist()
+
+
 class Store:
     """A read-only view of one store folder; safe to share across threads."""
 
@@ -100,6 +132,7 @@ class Store:
         self._manifest_key: tuple | None = None
         self._manifest: dict = {}
         self._files: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._cat: _Catalog | None = None
         self._cache_runs = cache_runs
 
     # -- index and views ------------------------------------------------------------------
@@ -185,19 +218,31 @@ class Store:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    def _catalog(self) -> _Catalog:
+        """runs and tokens of the current index in memory, for O(1) lookups by run id."""
+        self._refresh()
+        cat = self._cat
+        if cat is None or cat.key != self._manifest_key:
+            segs = self._manifest.get("segments", {})
+            tables = {}
+            for name in ("runs", "tokens"):
+                files = [index_dir(self.root) / seg["file"] for seg in segs.get(name, [])]
+                parts = [pq.read_table(f) for f in files]
+                tables[name] = pa.concat_tables(parts, promote_options="default") if parts else None
+            cat = _Catalog.build(self._manifest_key, tables["runs"], tables["tokens"])
+            self._cat = cat
+        return cat
+
     def run(self, run_id: str) -> dict:
         """All metadata of one run; RunNotFound when absent."""
-        cur = self.cursor().execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
-        row = cur.fetchone()
+        row = self._catalog().run(run_id)
         if row is None:
             raise RunNotFound(f"no run {run_id!r} in the store {self.root}")
-        return dict(zip([d[0] for d in cur.description], row, strict=True))
+        return row
 
     def tokens(self, run_id: str) -> list[dict]:
         """The run's tokens in order (start, word pieces, end)."""
-        cur = self.cursor().execute("SELECT * FROM tokens WHERE run_id = ? ORDER BY token_index", [run_id])
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        rows = self._catalog().tokens(run_id)
         if not rows:
             self.run(run_id)
         return rows
@@ -229,8 +274,8 @@ class Store:
         raise WordNotFound(f"{word!r} is not a word of this prompt; its words are: {listing}")
 
     # -- per-run files ------------------------------------------------------------------
-    def _file(self, run_id: str, table: str, key_columns: tuple[str, ...]) -> tuple:
-        """(ParquetFile, per-row-group key values) of a run's table, cached."""
+    def _file(self, run_id: str, table: str) -> tuple[pq.ParquetFile, list[tuple[int, int]]]:
+        """(ParquetFile, per-row-group (min, max) step_index) of a run's table, cached by run."""
         cache_key = (run_id, table)
         hit = self._files.get(cache_key)
         if hit is not None:
@@ -240,7 +285,6 @@ class Store:
         try:
             pf = pq.ParquetFile(path)
             check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
-            keys = pf.read(columns=list(key_columns)).to_pydict()
         except SchemaVersionError:
             raise
         except FileNotFoundError as exc:
@@ -248,41 +292,33 @@ class Store:
             raise RunDataMissing(f"run {run_id}: its {path.name} is missing from the store") from exc
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: {path.name} is unreadable ({exc})") from exc
-        groups: list[int] = []
+        col = pf.schema_arrow.get_field_index("step_index")
+        ranges = []
         for rg in range(pf.metadata.num_row_groups):
-            groups += [rg] * pf.metadata.row_group(rg).num_rows
-        entry = (pf, keys, groups)
+            st = pf.metadata.row_group(rg).column(col).statistics
+            ranges.append((st.min, st.max) if st is not None and st.has_min_max else (-(2**31), 2**31))
+        entry = (pf, ranges)
         with self._lock:
             self._files[cache_key] = entry
             while len(self._files) > self._cache_runs * 3:
                 self._files.popitem(last=False)
         return entry
 
-    def _read_rows(self, run_id: str, table: str, keys: tuple[str, ...], want: object, columns: list[str]) -> pa.Table:
-        """Rows whose key columns satisfy `want(row_keys)`, reading only their row groups."""
-        pf, key_values, groups = self._file(run_id, table, keys)
-        n = len(groups)
-        rows = [i for i in range(n) if want(*(key_values[k][i] for k in keys))]
-        if not rows:
-            return pa.table({c: pa.array([], type=TABLES[table].field(c).type) for c in columns})
-        needed = sorted({groups[i] for i in rows})
+    def _read_rows(self, run_id: str, table: str, step: int | None, columns: list[str]) -> pa.Table:
+        """Rows of one step (or all steps), reading only the row groups that can hold them."""
+        pf, ranges = self._file(run_id, table)
+        groups = [i for i, (lo, hi) in enumerate(ranges) if step is None or lo <= step <= hi]
         try:
-            data = pf.read_row_groups(needed, columns=columns)
+            data = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table()
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: {RUN_FILES[table]} is unreadable ({exc})") from exc
-        meta = pf.metadata
-        global_start = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        local_start, base = {}, 0
-        for g in needed:
-            local_start[g] = base
-            base += meta.row_group(g).num_rows
-        take = [local_start[groups[i]] + i - int(global_start[groups[i]]) for i in rows]
-        return data.take(pa.array(take))
+        if step is not None and data.num_rows:
+            data = data.filter(pc.equal(data.column("step_index"), step))
+        return data.select(columns)
 
     def steps(self, run_id: str) -> list[int]:
         """Step indices stored for the run."""
-        _, keys, _ = self._file(run_id, "cross_attention", ("step_index", "token_index", "level"))
-        return sorted(set(keys["step_index"]))
+        return list(range(int(self.run(run_id)["steps"])))
 
     def cross_maps(
         self,
@@ -297,10 +333,13 @@ class Store:
         table = self._read_rows(
             run_id,
             "cross_attention",
-            ("step_index", "token_index", "level"),
-            lambda s, t, lv: t in pos and (step is None or s == step) and (levels is None or lv in levels),
+            step,
             ["step_index", "token_index", "level", "level_height", "level_width", "map"],
         )
+        keep = pc.is_in(table.column("token_index"), pa.array(tokens, pa.int32()))
+        if levels is not None:
+            keep = pc.and_(keep, pc.is_in(table.column("level"), pa.array(list(levels), pa.string())))
+        table = table.filter(keep)
         if table.num_rows == 0:
             if step is not None and step not in self.steps(run_id):
                 raise StoreError(f"run {run_id} has steps 0-{len(self.steps(run_id)) - 1}; no step {step}")
@@ -347,12 +386,10 @@ class Store:
         """The step-aggregated self-attention (step=None) or one step's, dequantised."""
         kind = "aggregate" if step is None else "step"
         table = self._read_rows(
-            run_id,
-            "self_attention",
-            ("kind", "step_index"),
-            lambda k, s: k == kind and (step is None or s == step),
+            run_id, "self_attention", -1 if step is None else step,
             ["kind", "step_index", "grid_height", "grid_width", "row_scale", "values"],
-        )
+        )  # fmt: skip
+        table = table.filter(pc.equal(table.column("kind"), kind))
         if table.num_rows == 0:
             raise StoreError(
                 f"run {run_id} has no self-attention for {'all steps' if step is None else f'step {step}'}"
@@ -369,12 +406,9 @@ class Store:
         """(encoded bytes, format) of the final image (step=None) or one step's preview."""
         kind = "final" if step is None else "preview"
         table = self._read_rows(
-            run_id,
-            "images",
-            ("kind", "step_index"),
-            lambda k, s: k == kind and (step is None or s == step),
-            ["data", "format"],
+            run_id, "images", -1 if step is None else step, ["kind", "step_index", "data", "format"]
         )
+        table = table.filter(pc.equal(table.column("kind"), kind))
         if table.num_rows == 0:
             raise StoreError(f"run {run_id} has no {'final image' if step is None else f'preview for step {step}'}")
         return table.column("data")[0].as_py(), table.column("format")[0].as_py()
