@@ -159,6 +159,7 @@ def trace_bytes(model_name: str) -> dict:
     files = {p.name: p.stat().st_size for p in written.path.glob("*.parquet")}
     return {
         "model": model_name,
+        "run_id": written.run_id,
         "steps": trace.run["steps"],
         "size_px": trace.run["width"],
         "bytes": written.bytes,
@@ -218,6 +219,40 @@ def lookup_latency(n_runs: int, lookups: int = 300) -> dict:
     }
 
 
+def dashboard_timings(store_dir: Path, run_id: str, moves: int = 20) -> dict:
+    """Server-side rerun time of the Inspect page when the step slider moves (AppTest), and Export All."""
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.store import Store
+    from dashboard.export import export_all
+
+    os.environ["STEPX_STORE"] = str(store_dir)
+    at = AppTest.from_file(str(HERE.parent / "dashboard" / "pages" / "inspect.py"), default_timeout=120)
+    at.query_params["run"] = run_id
+    at.run()
+    steps = Store(store_dir).run(run_id)["steps"]
+    times = []
+    for i in range(moves):
+        t0 = time.perf_counter()
+        at.slider(key="inspect_step").set_value(1 + (i * 7) % steps).run()
+        times.append((time.perf_counter() - t0) * 1000)
+        assert not at.exception, at.exception
+    t0 = time.perf_counter()
+    data = export_all(Store(store_dir), run_id)
+    export_s = time.perf_counter() - t0
+    return {
+        "run_steps": steps,
+        "slider_moves": moves,
+        "slider_rerun_p50_ms": round(_pct(times, 50), 1),
+        "slider_rerun_p95_ms": round(_pct(times, 95), 1),
+        "target_slider_ms": 100,
+        "export_all_s": round(export_s, 2),
+        "export_all_bytes": len(data),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="skip the SD 1.5-architecture timing")
@@ -249,6 +284,7 @@ def main() -> None:
     if not args.quick:
         results["capture_overhead"].append(capture_overhead("sd15", "sd15-full", 256, 2, 3, 7.5))
     results["trace_bytes"] = trace_bytes(default)
+    results["dashboard"] = dashboard_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
     results["projected_sd15_trace"] = projected_sd15_bytes()
     results["word_map_lookup"] = lookup_latency(1000)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -154,3 +154,18 @@ def test_previews_one_per_step_small(tiny_model):
     last = np.asarray(trace.previews[-1], dtype=float)
     final = np.asarray(trace.final.resize(trace.previews[-1].size), dtype=float)
     assert np.abs(last - final).mean() < 20
+
+
+def test_sdxl_layout_two_text_encoders_bit_identical():
+    from pipeline.models import REGISTRY
+
+    pipe = build_tiny_pipeline("sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    model = LoadedModel(REGISTRY["sdxl"], pipe, "in-process:sdxl", "", "cpu", "float32")
+    cfg = GenerationConfig("a cat on a mat", steps=2, guidance=5.0, width=256, height=256)
+    trace = generate_trace(model, cfg, check_sums=True)
+    assert np.array_equal(np.asarray(run_pipeline(model, cfg.resolved(model))), np.asarray(trace.final))
+    # SDXL places attention only in its 2nd and 3rd blocks: 1/2 and 1/4 of the latent grid
+    assert trace.levels == [(16, 16), (8, 8)]
+    assert trace.max_sum_error < 1e-4
+    assert [t.word for t in trace.tokens if t.kind == "word"] == ["a", "cat", "on", "a", "mat"]
