@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--spec", help="gallery spec JSON (default data/gallery/curated.json)")
     ga.add_argument("--model", help="override the spec's model")
 
+    an = sub.add_parser("annotate", parents=[common], help="TITAN object annotations as COCO JSON")
+    target = an.add_mutually_exclusive_group(required=True)
+    target.add_argument("--gallery", help="annotate every run of a gallery")
+    target.add_argument("--run", help="annotate one run")
+    an.add_argument("--out", required=True, help="COCO JSON file to write")
+    an.add_argument("--threshold", default="otsu", help="'otsu' or a fraction of the maximum, e.g. 0.4")
+    an.add_argument("--daam-only", action="store_true", help="word maps alone, without self-attention guidance")
+
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
     y.add_argument("--runs", type=_positive_int, required=True)
     y.add_argument("--steps", type=_positive_int, default=20)
@@ -267,6 +275,31 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from analysis.titan import coco_for_runs, dumps
+
+    threshold: str | float = args.threshold
+    if threshold != "otsu":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise CliError("stepx annotate: --threshold is 'otsu' or a number between 0 and 1", 2) from None
+        if not 0 < threshold < 1:
+            raise CliError("stepx annotate: --threshold is 'otsu' or a number between 0 and 1", 2)
+    store = _store(args)
+    if args.run:
+        store.run(args.run)
+        run_ids = [args.run]
+    else:
+        run_ids = [r["run_id"] for r in store.runs(gallery=args.gallery)][::-1]
+        if not run_ids:
+            raise CliError(f"stepx annotate: no runs in gallery {args.gallery!r}")
+    doc = coco_for_runs(store, run_ids, threshold, guided=not args.daam_only)
+    Path(args.out).write_text(dumps(doc))
+    print(f"{len(doc['annotations'])} annotations on {len(doc['images'])} images -> {args.out}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import synth_store
 
@@ -283,6 +316,7 @@ COMMANDS = {
     "index": cmd_index,
     "models": cmd_models,
     "gallery": cmd_gallery,
+    "annotate": cmd_annotate,
     "synth": cmd_synth,
 }
 
