@@ -73,3 +73,9 @@ def guarded(body: Callable[[], None]) -> None:
 def select_run(run_id: str) -> None:
     """Remember the run to open on Inspect."""
     st.session_state["run_id"] = run_id
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def self_attention(root: str, run_id: str, step: int | None) -> object:
+    """A run's self-attention (aggregate or one step), shared read-only between reruns."""
+    return _store(root).self_attention(run_id, step)

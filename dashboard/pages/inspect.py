@@ -8,26 +8,10 @@ from analysis.store import GLOBAL, Word
 from dashboard.export import export_all
 from dashboard.generate import generate_panel
 from dashboard.render import COLORMAPS, decode, gif_bytes, overlay
-from dashboard.state import guarded, image_bytes, select_run, store, store_path, word_map
+from dashboard.state import guarded, image_bytes, store, store_path, word_map
+from dashboard.widgets import pick_run
 
 DISPLAY_PX = 512
-
-
-def pick_run(runs: list[dict]) -> str:
-    """The run to inspect: the one chosen elsewhere, the URL's, or the newest."""
-    ids = [r["run_id"] for r in runs]
-    wanted = st.session_state.get("run_id") or st.query_params.get("run")
-    if wanted and wanted not in ids:
-        st.warning(f"Run {wanted} is not in this store; showing the newest run instead.")
-        wanted = None
-    labels = {r["run_id"]: f"{r['prompt'][:70]} · {r['model_name']} · seed {r['seed']}" for r in runs}
-    choice = st.selectbox(
-        "Run", ids, index=ids.index(wanted) if wanted else 0, format_func=labels.get, key="inspect_run_select"
-    )
-    if choice != st.session_state.get("run_id"):
-        select_run(choice)
-    st.query_params["run"] = choice
-    return choice
 
 
 def word_picker(words: list[Word]) -> str | int:
@@ -86,7 +70,7 @@ def body() -> None:
     if not runs:
         st.info("No runs yet: generate one above, or build the curated gallery with `make demo`.")
         return
-    run_id = pick_run(runs)
+    run_id = pick_run(runs, "inspect_run_select")
     run = s.run(run_id)
     words = s.words(run_id)
     st.markdown(f"**{run['prompt']}**")

@@ -1,0 +1,174 @@
+"""Regions: which image regions attend to the pixel, box or polygon you pick (self-attention)."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+from PIL import Image, ImageDraw
+
+from analysis.regions import (
+    RegionInputError,
+    bbox_cells,
+    diffuse,
+    parse_bbox,
+    parse_indices,
+    parse_polygon,
+    pixel_cell,
+    polygon_cells,
+    region_map,
+    validate_polygon,
+)
+from dashboard.canvas import click_to_pixel, last_object, path_to_points, rect_to_box
+from dashboard.render import decode, gif_bytes, overlay, strip
+from dashboard.state import guarded, image_bytes, self_attention, store, store_path
+from dashboard.widgets import look, pick_run
+
+TOOLS = ["Pixel heatmap", "BBox heatmap", "Contour heatmap", "Pixel diffused heatmap"]
+CANVAS_PX = 384
+
+
+def source_picker(steps: int) -> int | None:
+    """All-steps self-attention or one step's."""
+    kind = st.radio("Self-attention", ["All steps (aggregate)", "One step"], horizontal=True, key="regions_source")
+    if kind == "One step":
+        return st.slider("Step", 1, steps, steps, key="regions_step") - 1
+    return None
+
+
+def pixel_input(image: Image.Image, size: tuple[int, int], grid: tuple[int, int], typed: bool, key: str) -> list[int]:
+    """Grid cells from a click on the image or typed indices."""
+    n = grid[0] * grid[1]
+    if typed:
+        text = st.text_input(f"Query cells (row-major on the {grid[0]}x{grid[1]} grid, 0-{n - 1})", "0", key=key)
+        return parse_indices(text, grid)
+    from streamlit_image_coordinates import streamlit_image_coordinates
+
+    value = streamlit_image_coordinates(image.resize(display_size(size)), key=f"{key}_click")
+    pixel = click_to_pixel(value, size)
+    if pixel is None:
+        st.caption("Click the image to pick a pixel.")
+        return []
+    st.caption(f"Pixel ({pixel[0]:.0f}, {pixel[1]:.0f})")
+    return [pixel_cell(*pixel, size, grid)]
+
+
+def display_size(size: tuple[int, int]) -> tuple[int, int]:
+    return CANVAS_PX, round(CANVAS_PX * size[1] / size[0])
+
+
+def shape_input(tool: str, image: Image.Image, size: tuple[int, int], grid: tuple[int, int], typed: bool) -> list[int]:
+    """Grid cells inside a drawn or typed box / polygon."""
+    w, h = size
+    if typed:
+        if tool == "BBox heatmap":
+            return bbox_cells(parse_bbox(st.text_input("Box x1,y1,x2,y2 (image pixels)", f"0,0,{w // 2},{h // 2}",
+                                                       key="regions_box_text"), size), size, grid)  # fmt: skip
+        text = st.text_input("Polygon 'x1,y1 x2,y2 x3,y3' (image pixels)", f"0,0 {w // 2},0 0,{h // 2}",
+                             key="regions_poly_text")  # fmt: skip
+        return polygon_cells(parse_polygon(text, size), size, grid)
+    from streamlit_drawable_canvas import st_canvas
+
+    shown = display_size(size)
+    mode = "rect" if tool == "BBox heatmap" else "polygon"
+    result = st_canvas(
+        fill_color="rgba(255, 255, 255, 0.2)", stroke_width=2, stroke_color="#00e5ff",
+        background_image=image.resize(shown), height=shown[1], width=shown[0], drawing_mode=mode,
+        key=f"regions_canvas_{mode}",
+    )  # fmt: skip
+    st.caption(
+        "Drag a rectangle." if mode == "rect" else "Click the corners; double-click (or click the start) to close."
+    )
+    if mode == "rect":
+        obj = last_object(result.json_data, ("rect",))
+        if obj is None:
+            return []
+        box = rect_to_box(obj, shown, size)
+        st.caption(f"Box {', '.join(f'{v:.0f}' for v in box)}")
+        return bbox_cells(parse_bbox(",".join(str(v) for v in box), size), size, grid)
+    obj = last_object(result.json_data, ("path", "polygon"))
+    if obj is None:
+        return []
+    points = validate_polygon(path_to_points(obj, shown, size), size)
+    st.caption(f"Polygon of {len(points)} points")
+    return polygon_cells(points, size, grid)
+
+
+def mark_cells(image: Image.Image, cells: list[int], grid: tuple[int, int]) -> Image.Image:
+    """Outline the selected grid cells on the image."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    cw, ch = out.width / grid[1], out.height / grid[0]
+    for c in cells:
+        r, k = divmod(c, grid[1])
+        draw.rectangle([k * cw, r * ch, (k + 1) * cw - 1, (r + 1) * ch - 1], outline=(0, 229, 255))
+    return out
+
+
+def body() -> None:
+    st.title("Regions")
+    st.caption(
+        "Self-attention answers: which image regions does the model treat as belonging with the place you "
+        "pick? Each map is the mean of the selected query cells' attention rows."
+    )
+    s = store()
+    runs = s.runs()
+    if not runs:
+        st.info("No runs yet: generate one on Generate & Inspect, or build the gallery with `make demo`.")
+        return
+    run = s.run(pick_run(runs, "regions_run"))
+    run_id, size = run["run_id"], (run["width"], run["height"])
+    step = source_picker(run["steps"])
+    sa = self_attention(store_path(), run_id, step)
+    grid = sa.grid
+    st.caption(f"Query grid {grid[0]}x{grid[1]} (cells 0-{grid[0] * grid[1] - 1}, row-major)")
+    tool = st.radio("Tool", TOOLS, horizontal=True, key="regions_tool")
+    typed = st.radio("Input", ["Draw / click", "Type"], horizontal=True, key="regions_mode") == "Type"
+    alpha, cmap = look("regions")
+    image = decode(image_bytes(store_path(), run_id, step)).resize(size)
+    left, right = st.columns(2)
+    with left:
+        try:
+            if tool in ("Pixel heatmap", "Pixel diffused heatmap"):
+                cells = pixel_input(
+                    image, size, grid, typed, key=f"regions_{'diffuse' if 'diffused' in tool else 'px'}"
+                )
+                if "diffused" in tool and len(cells) > 1:
+                    st.info(f"Diffusion starts from one cell; using the first, {cells[0]}.")
+                    cells = cells[:1]
+            else:
+                cells = shape_input(tool, image, size, grid, typed)
+        except RegionInputError as exc:
+            st.error(str(exc))
+            return
+    with right:
+        if not cells:
+            st.info("Pick a place on the image to see its self-attention.")
+            return
+        shown = display_size(size)
+        if tool == "Pixel diffused heatmap":
+            show_diffusion(sa.matrix, cells[0], grid, image, alpha, cmap, shown)
+            return
+        heat = region_map(sa.matrix, cells, grid)
+        st.image(overlay(mark_cells(image.resize(shown), cells, grid), heat, alpha, cmap, size=shown),
+                 caption=f"{tool} · {len(cells)} cells · max {heat.max():.4g}", width="stretch")  # fmt: skip
+
+
+def show_diffusion(matrix: np.ndarray, start: int, grid, image: Image.Image, alpha: float, cmap: str, shown) -> None:
+    """Iterate from one cell; the final map, the intermediate maps as a strip, and a GIF."""
+    a, b = st.columns(2)
+    iterations = a.slider("Iterations", 1, 50, 10, key="regions_iterations")
+    threshold = b.slider("Threshold (fraction of range)", 0.0, 0.9, 0.2, 0.05, key="regions_threshold")
+    try:
+        maps = diffuse(matrix, start, grid, iterations, threshold)
+    except RegionInputError as exc:
+        st.error(str(exc))
+        return
+    frames = [overlay(image.resize(shown), m, alpha, cmap, size=shown) for m in maps]
+    st.image(frames[-1], caption=f"Diffused from cell {start} · {iterations} iterations · threshold {threshold:g}",
+             width="stretch")  # fmt: skip
+    thumbs = [f.resize((96, round(96 * f.height / f.width))) for f in frames]
+    st.image(strip(thumbs), caption="Iteration 0 (start) to the last", width="stretch")
+    st.download_button("Download GIF", gif_bytes(frames, 300), "stepx-diffusion.gif", "image/gif", key="regions_gif")
+
+
+guarded(body)
