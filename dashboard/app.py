@@ -14,11 +14,11 @@ import streamlit as st  # noqa: E402
 st.set_page_config(page_title="StepX", page_icon=":material/blur_on:", layout="wide")
 
 PAGES = [
-    st.Page("pages/gallery.py", title="Gallery", icon=":material/photo_library:", default=True),
-    st.Page("pages/inspect.py", title="Generate & Inspect", icon=":material/center_focus_strong:"),
-    st.Page("pages/regions.py", title="Regions", icon=":material/select_all:"),
-    st.Page("pages/detect.py", title="Detect & Annotate", icon=":material/category:"),
-    st.Page("pages/guide.py", title="Guide", icon=":material/menu_book:"),
+    st.Page("views/gallery.py", title="Gallery", icon=":material/photo_library:", default=True),
+    st.Page("views/inspect.py", title="Generate & Inspect", icon=":material/center_focus_strong:"),
+    st.Page("views/regions.py", title="Regions", icon=":material/select_all:"),
+    st.Page("views/detect.py", title="Detect & Annotate", icon=":material/category:"),
+    st.Page("views/guide.py", title="Guide", icon=":material/menu_book:"),
 ]
 
 st.navigation(PAGES).run()

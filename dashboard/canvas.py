@@ -17,7 +17,7 @@ def click_to_pixel(value: dict | None, image_size: tuple[int, int]) -> tuple[flo
 def last_object(json_data: dict | None, kinds: tuple[str, ...]) -> dict | None:
     """The most recently drawn Fabric.js object of the given types."""
     objects = (json_data or {}).get("objects") or []
-    found = [o for o in objects if o.get("type") in kinds]
+    found = [o for o in objects if str(o.get("type", "")).lower() in kinds]  # Fabric 6 writes "Rect"
     return found[-1] if found else None
 
 
@@ -37,7 +37,7 @@ def rect_to_box(
 def path_to_points(obj: dict, canvas_size: tuple[int, int], image_size: tuple[int, int]) -> list[tuple[float, float]]:
     """A drawn polygon (Fabric 'path' of M/L commands, or 'polygon' points) in image pixels."""
     sx, sy = image_size[0] / canvas_size[0], image_size[1] / canvas_size[1]
-    if obj.get("type") == "polygon":
+    if str(obj.get("type", "")).lower() == "polygon":
         left = obj.get("left", 0) - obj.get("pathOffset", {}).get("x", 0)
         top = obj.get("top", 0) - obj.get("pathOffset", {}).get("y", 0)
         pts = [(p["x"] + left, p["y"] + top) for p in obj.get("points", [])]

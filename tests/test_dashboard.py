@@ -29,7 +29,7 @@ def app(store: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
 
 def open_inspect(at: AppTest, run_id: str) -> AppTest:
     at.session_state["run_id"] = run_id
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page("views/inspect.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -122,7 +122,7 @@ def _png(data: bytes):
 
 def test_guide_page(traced_store, monkeypatch):
     at = app(traced_store[0], monkeypatch)
-    at.switch_page("pages/guide.py").run()
+    at.switch_page("views/guide.py").run()
     assert not at.exception
     text = " ".join(m.value for m in at.markdown)
     for term in ("Cross-attention", "Self-attention", "Denoising step", "Global attention", "Overlay alpha"):
@@ -132,7 +132,7 @@ def test_guide_page(traced_store, monkeypatch):
 def test_empty_store_is_friendly(tmp_path, monkeypatch):
     at = app(tmp_path, monkeypatch)
     assert any("no runs yet" in i.value for i in at.info)
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page("views/inspect.py").run()
     assert not at.exception and any("No runs yet" in i.value for i in at.info)
 
 
@@ -147,7 +147,7 @@ def test_deleted_run_files_and_unknown_word(traced_store, tmp_path, monkeypatch)
     at = open_inspect(at, rid)
     assert any(rid in e.value and "missing" in e.value for e in at.error)
     monkeypatch.setenv("STEPX_STORE", str(copy))
-    fresh = AppTest.from_file(str(Path(APP).parent / "pages" / "inspect.py"), default_timeout=120)
+    fresh = AppTest.from_file(str(Path(APP).parent / "views" / "inspect.py"), default_timeout=120)
     fresh.query_params["run"] = traces[1].run["run_id"]
     fresh.query_params["word"] = "dog"
     fresh.run()

@@ -12,7 +12,7 @@ from analysis.detection import detect, guided_map
 from analysis.regions import region_map
 from analysis.store import Store
 
-PAGES = Path(__file__).resolve().parent.parent / "dashboard" / "pages"
+PAGES = Path(__file__).resolve().parent.parent / "dashboard" / "views"
 
 
 def page(name: str, store: Path, run_id: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:

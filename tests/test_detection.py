@@ -30,7 +30,7 @@ def test_detect_two_blobs_boxes_and_polygons():
     assert len(dets) == 2
     for d in dets:
         x, y, w, h = d.bbox
-        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
         assert len(d.polygon) >= 3 and d.mask.sum() == d.area
     centres = sorted((d.bbox[0] + d.bbox[2] / 2, d.bbox[1] + d.bbox[3] / 2) for d in dets)
     assert abs(centres[0][0] - 18) < 4 and abs(centres[0][1] - 18) < 4  # blob at cell (4,4) of 16 -> pixel 18
@@ -89,7 +89,7 @@ def test_coco_json_valid_for_gallery(tmp_path):
     for ann in doc["annotations"]:
         img = coco.imgs[ann["image_id"]]
         x, y, w, h = ann["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= img["width"] and y + h <= img["height"]
+        assert x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
         xs, ys = ann["segmentation"][0][0::2], ann["segmentation"][0][1::2]
         assert min(xs) >= 0 and max(xs) <= img["width"] and min(ys) >= 0 and max(ys) <= img["height"]
         assert coco.annToMask(ann).sum() > 0

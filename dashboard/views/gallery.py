@@ -52,7 +52,7 @@ def body() -> None:
                 st.caption(f"{run['model_name']} · seed {run['seed']} · {run['steps']} steps")
                 if st.button("Inspect", key=f"open_{run['run_id']}", width="stretch"):
                     select_run(run["run_id"])
-                    st.switch_page("pages/inspect.py")
+                    st.switch_page("views/inspect.py")
     bad = s.bad_runs()
     if bad:
         with st.expander(f"{len(bad)} unreadable runs"):
