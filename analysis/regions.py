@@ -167,7 +167,8 @@ def diffuse(
     maps = [current.reshape(grid).astype(np.float32)]
     a = matrix.astype(np.float32, copy=False)
     for _ in range(iterations):
-        nxt = (current.astype(np.float32) @ a).astype(np.float64) / current.sum()
+        live = np.flatnonzero(current)  # sparsified maps touch only their non-zero rows
+        nxt = (current[live].astype(np.float32) @ a[live]).astype(np.float64) / current.sum()
         lo, hi = nxt.min(), nxt.max()
         if hi > lo:
             nxt[nxt < lo + threshold * (hi - lo)] = 0.0

@@ -130,13 +130,13 @@ def find_components(image: np.ndarray, min_area: int | None = None) -> list[Comp
     return comps
 
 
-def check_objects(image: np.ndarray, objects: list[ObjectSpec],
-                  min_area: int | None = None) -> list[ObjectCheck]:
+def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | None = None) -> list[ObjectCheck]:
     """Per requested object: present, right colour, right region, and a predicted mask."""
     comps = find_components(image, min_area)
     empty = np.zeros(image.shape[:2], dtype=bool)
     checks = []
     for spec in objects:
+
         def in_region(c: Component, spec: ObjectSpec = spec) -> bool:
             return spec.position is None or c.region == spec.position
 
@@ -161,5 +161,4 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-__all__ = ["Component", "ObjectCheck", "check_objects", "classify_pixels", "find_components",
-           "iou", "region_of"]
+__all__ = ["Component", "ObjectCheck", "check_objects", "classify_pixels", "find_components", "iou", "region_of"]

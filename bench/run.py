@@ -229,7 +229,7 @@ def dashboard_timings(store_dir: Path, run_id: str, moves: int = 20) -> dict:
     from dashboard.export import export_all
 
     os.environ["STEPX_STORE"] = str(store_dir)
-    at = AppTest.from_file(str(HERE.parent / "dashboard" / "pages" / "inspect.py"), default_timeout=120)
+    at = AppTest.from_file(str(HERE.parent / "dashboard" / "views" / "inspect.py"), default_timeout=120)
     at.query_params["run"] = run_id
     at.run()
     steps = Store(store_dir).run(run_id)["steps"]
@@ -250,6 +250,42 @@ def dashboard_timings(store_dir: Path, run_id: str, moves: int = 20) -> dict:
         "target_slider_ms": 100,
         "export_all_s": round(export_s, 2),
         "export_all_bytes": len(data),
+    }
+
+
+def region_timings(store_dir: Path, run_id: str, repeats: int = 50) -> dict:
+    """Region query latency on a stored run (read + dequantise + rows mean, cold and warm), and the
+    diffused heatmap with 20 iterations on a 1024x1024 self-attention matrix."""
+    from analysis.regions import bbox_cells, diffuse, region_map
+    from analysis.store import Store
+
+    cold, warm = [], []
+    for _ in range(repeats):
+        store = Store(store_dir)  # fresh: nothing cached
+        t0 = time.perf_counter()
+        sa = store.self_attention(run_id)
+        cells = bbox_cells((8, 8, 40, 40), (64, 64), sa.grid)
+        region_map(sa.matrix, cells, sa.grid)
+        cold.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        region_map(sa.matrix, cells, sa.grid)
+        warm.append((time.perf_counter() - t0) * 1000)
+    rng = np.random.default_rng(0)
+    big = rng.random((1024, 1024)).astype(np.float32) ** 8
+    big /= big.sum(axis=1, keepdims=True)
+    diffuse(big, 100, (32, 32), 20, 0.2)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        diffuse(big, 100, (32, 32), 20, 0.2)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "self_grid": f"{sa.grid[0]}x{sa.grid[1]}",
+        "region_query_cold_p50_ms": round(_pct(cold, 50), 2),
+        "region_query_warm_p50_ms": round(_pct(warm, 50), 3),
+        "target_region_ms": 50,
+        "diffuse_20_iter_1024_p50_ms": round(_pct(times, 50), 2),
+        "target_diffuse_ms": 200,
     }
 
 
@@ -285,6 +321,7 @@ def main() -> None:
         results["capture_overhead"].append(capture_overhead("sd15", "sd15-full", 256, 2, 3, 7.5))
     results["trace_bytes"] = trace_bytes(default)
     results["dashboard"] = dashboard_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
+    results["regions"] = region_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
     results["projected_sd15_trace"] = projected_sd15_bytes()
     results["word_map_lookup"] = lookup_latency(1000)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
