@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--threshold", default="otsu", help="'otsu' or a fraction of the maximum, e.g. 0.4")
     an.add_argument("--daam-only", action="store_true", help="word maps alone, without self-attention guidance")
 
+    ev = sub.add_parser("eval", parents=[common], help="score the embedded model on its held-out scenes")
+    ev.add_argument("--model", default="shapes")
+    ev.add_argument("--n", type=_positive_int, default=30, help="held-out scenes")
+    ev.add_argument("--steps", type=_positive_int, default=20)
+    ev.add_argument("--guidance", type=_guidance, help="default: the model's")
+    ev.add_argument("--out", help="also write the report as JSON")
+
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
     y.add_argument("--runs", type=_positive_int, required=True)
     y.add_argument("--steps", type=_positive_int, default=20)
@@ -300,6 +307,20 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate, write_report
+    from pipeline.models import ModelNotFoundError
+
+    try:
+        report = evaluate(store_root(args.store), args.model, args.n, guidance=args.guidance, steps=args.steps)
+    except ModelNotFoundError as exc:
+        raise CliError(f"stepx eval: {exc}") from None
+    print(report.table())
+    if args.out:
+        write_report(report, Path(args.out))
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import synth_store
 
@@ -317,6 +338,7 @@ COMMANDS = {
     "models": cmd_models,
     "gallery": cmd_gallery,
     "annotate": cmd_annotate,
+    "eval": cmd_eval,
     "synth": cmd_synth,
 }
 
