@@ -62,3 +62,59 @@ def run_readonly(cur: duckdb.DuckDBPyConnection, query: str, max_rows: int, time
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0]
+
+
+COLOUR_WORDS = (
+    "('red', 'green', 'blue', 'yellow', 'orange', 'purple', 'pink', 'black', 'white', 'brown', 'gray', 'grey')"
+)
+SHAPE_WORDS = "('circle', 'square', 'triangle', 'star', 'circles', 'squares', 'triangles')"
+
+EXAMPLES: dict[str, str] = {
+    "Which words spread most across the image?": """
+SELECT word, round(avg(spread), 3) AS mean_spread, count(DISTINCT run_id) AS runs
+FROM word_stats
+WHERE level = 'all' AND word_index >= 0
+GROUP BY word
+ORDER BY mean_spread DESC
+LIMIT 20""",
+    "At which step does each word's map stop moving?": """
+WITH moves AS (
+  SELECT run_id, word, step_index,
+         sqrt(power(centroid_x - lag(centroid_x) OVER w, 2) + power(centroid_y - lag(centroid_y) OVER w, 2)) AS move
+  FROM word_step_stats
+  WHERE level = 'all' AND word_index >= 0
+  WINDOW w AS (PARTITION BY run_id, word_index ORDER BY step_index)
+), settled AS (
+  SELECT run_id, word, coalesce(max(step_index) FILTER (WHERE move > 0.02), 0) AS last_big_move
+  FROM moves GROUP BY run_id, word
+)
+SELECT word, round(avg(last_big_move), 1) AS mean_settling_step, count(*) AS runs
+FROM settled GROUP BY word ORDER BY mean_settling_step""",
+    "Colour words vs shape nouns: mean entropy per step": f"""
+SELECT step_index,
+       CASE WHEN lower(word) IN {COLOUR_WORDS} THEN 'colour word'
+            WHEN lower(word) IN {SHAPE_WORDS} THEN 'shape noun' END AS word_class,
+       round(avg(entropy), 4) AS mean_entropy
+FROM word_step_stats
+WHERE level = 'all' AND (lower(word) IN {COLOUR_WORDS} OR lower(word) IN {SHAPE_WORDS})
+GROUP BY ALL
+ORDER BY step_index, word_class""",
+    "Runs where two nouns' maps overlap most": f"""
+SELECT a.run_id, a.word AS first_word, b.word AS second_word,
+       round(sqrt(power(a.centroid_x - b.centroid_x, 2) + power(a.centroid_y - b.centroid_y, 2)), 3)
+         AS centroid_distance,
+       round(a.spread + b.spread, 3) AS combined_spread
+FROM word_stats a JOIN word_stats b
+  ON a.run_id = b.run_id AND a.level = b.level AND a.word_index < b.word_index
+WHERE a.level = 'all' AND lower(a.word) IN {SHAPE_WORDS} AND lower(b.word) IN {SHAPE_WORDS}
+ORDER BY centroid_distance / nullif(combined_spread, 0)
+LIMIT 20""",
+    "How much attention goes to the prompt's words, per model?": """
+SELECT r.model_name, round(sum(s.mass) / count(DISTINCT (s.run_id, s.step_index)), 3) AS word_mass_share,
+       count(DISTINCT r.run_id) AS runs
+FROM word_step_stats s JOIN runs r USING (run_id)
+WHERE s.level = 'all' AND s.word_index >= 0
+GROUP BY r.model_name""",
+    "Newest runs": """
+SELECT run_id, created_at, model_name, seed, steps, prompt FROM runs ORDER BY created_at DESC LIMIT 20""",
+}
