@@ -18,6 +18,7 @@ PAGES = [
     st.Page("views/inspect.py", title="Generate & Inspect", icon=":material/center_focus_strong:"),
     st.Page("views/regions.py", title="Regions", icon=":material/select_all:"),
     st.Page("views/detect.py", title="Detect & Annotate", icon=":material/category:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("views/sql.py", title="SQL console", icon=":material/database:"),
     st.Page("views/guide.py", title="Guide", icon=":material/menu_book:"),
 ]

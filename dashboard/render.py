@@ -15,12 +15,14 @@ COLORMAPS: dict[str, list[str]] = {
     "jet": ["#00007f", "#0000ff", "#00ffff", "#7fff7f", "#ffff00", "#ff0000", "#7f0000"],
     "gray": ["#000000", "#ffffff"],
 }
+DIVERGING = ["#3b4cc0", "#8db0fe", "#f2f2f2", "#f49a7b", "#b40426"]  # blue = negative, red = positive
 
 
 def _lut(name: str) -> np.ndarray:
-    if name not in COLORMAPS:
+    stops = DIVERGING if name == "diverging" else COLORMAPS.get(name)
+    if stops is None:
         raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
-    anchors = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in COLORMAPS[name]], dtype=np.float64)
+    anchors = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in stops], dtype=np.float64)
     xs = np.linspace(0, 1, len(anchors))
     grid = np.linspace(0, 1, 256)
     return np.stack([np.interp(grid, xs, anchors[:, ch]) for ch in range(3)], axis=1).round().astype(np.uint8)
@@ -54,6 +56,15 @@ def overlay(
     colours = colorize(resize_map(norm, size), cmap)
     mixed = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colours.astype(np.float32)
     return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def difference_image(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> tuple[Image.Image, float]:
+    """a - b on a blue-white-red scale symmetric around 0; returns the image and the scale's limit."""
+    diff = a.astype(np.float32) - b.astype(np.float32)
+    limit = float(np.abs(diff).max())
+    norm = 0.5 + 0.5 * diff / limit if limit > 0 else np.full(diff.shape, 0.5, dtype=np.float32)
+    img = Image.fromarray(colorize(norm, "diverging")).resize(size, Image.BICUBIC)
+    return img, limit
 
 
 def strip(images: list[Image.Image], gap: int = 4) -> Image.Image:
