@@ -36,6 +36,7 @@ PORT ?= 8501
 
 demo: setup
 	$(BIN)/stepx gallery build
-	@echo "StepX dashboard: http://localhost:$(PORT)"
+	@echo "StepX dashboard: http://localhost:$(PORT)  (a generation worker runs beside it)"
+	$(BIN)/stepx worker & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/streamlit run dashboard/app.py --server.headless true --server.port $(PORT) \
 		--browser.gatherUsageStats false

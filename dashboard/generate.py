@@ -1,24 +1,20 @@
-"""The Generate panel: runs `stepx generate` as a separate process (torch stays out of the
-dashboard) and follows its progress lines."""
+"""The Generate panel: requests go into the store's job queue; `stepx worker` (started by
+`make demo`) runs them and the panel follows their progress. Torch stays out of the dashboard."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import streamlit as st
 
-from dashboard.state import ROOT, models, select_run, store_path
-
-STEP_LINE = re.compile(r"step\s+(\d+)/(\d+)")
+from dashboard.state import models, select_run, store_path
+from schema import jobs
 
 
 @dataclass
 class GenerateRequest:
-    """What the Generate button asks for."""
+    """What the Generate button asks for (the job's JSON)."""
 
     prompt: str
     negative: str
@@ -28,31 +24,6 @@ class GenerateRequest:
     guidance: float
     width: int
     height: int
-
-
-def command(req: GenerateRequest, store: str) -> list[str]:
-    """The `stepx generate` command line of a request."""
-    return [
-        sys.executable, "-m", "pipeline.cli", "generate", req.prompt, "--negative", req.negative,
-        "--model", req.model, "--seed", str(req.seed), "--steps", str(req.steps), "--guidance", str(req.guidance),
-        "--width", str(req.width), "--height", str(req.height), "--store", store,
-    ]  # fmt: skip
-
-
-def run_generation(req: GenerateRequest, store: str, on_step: Callable[[int, int], None]) -> str:
-    """Run one generation; returns the run id or raises RuntimeError with the CLI's message."""
-    proc = subprocess.Popen(command(req, store), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    errors = []
-    for line in proc.stderr:
-        m = STEP_LINE.search(line)
-        if m:
-            on_step(int(m.group(1)), int(m.group(2)))
-        elif line.strip():
-            errors.append(line.strip())
-    out = proc.stdout.read().strip()
-    if proc.wait() != 0 or not out:
-        raise RuntimeError(errors[-1] if errors else "generation failed")
-    return out.splitlines()[-1]
 
 
 def default_model(entries: list[dict]) -> tuple[str, str]:
@@ -65,42 +36,81 @@ def default_model(entries: list[dict]) -> tuple[str, str]:
     return "tiny-random", "No trained model is present; tiny-random draws noise (use it to try the tools)."
 
 
+def submit(req: GenerateRequest) -> int:
+    """Queue a request; remember it for this browser session."""
+    job_id = jobs.submit(Path(store_path()), asdict(req))
+    st.session_state.setdefault("my_jobs", []).append(job_id)
+    return job_id
+
+
+def request_form() -> GenerateRequest | None:
+    """Prompt box, model picker and settings; the request when Generate is pressed."""
+    entries = models()
+    if not entries:
+        st.error("Could not list the models (is the pipeline installed? run `make setup`).")
+        return None
+    by_name = {e["name"]: e for e in entries}
+    preselect, reason = default_model(entries)
+    prompt = st.text_area("Prompt", "a red circle on the left and a blue square on the right", key="gen_prompt")
+    negative = st.text_input("Negative prompt", "", key="gen_negative")
+    names = list(by_name)
+    model = st.selectbox(
+        "Model",
+        names,
+        index=names.index(preselect),
+        format_func=lambda n: by_name[n]["title"] + ("" if by_name[n]["present"] else " (weights absent)"),
+        key="gen_model",
+    )
+    st.caption(reason if model == preselect else by_name[model]["where"])
+    spec = by_name[model]
+    c1, c2, c3, c4 = st.columns(4)
+    seed = c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
+    steps = c2.number_input("Steps", 1, 200, int(spec["steps"]), key=f"gen_steps_{model}")
+    guidance = c3.number_input("Guidance", 0.0, 30.0, float(spec["guidance"]), 0.5, key=f"gen_guidance_{model}")
+    size = c4.number_input("Size (px)", 64, 2048, int(spec["size"]), 64, key=f"gen_size_{model}")
+    if not st.button("Generate", type="primary", disabled=not spec["present"], key="gen_go"):
+        return None
+    if not prompt.strip():
+        st.error("Write a prompt first.")
+        return None
+    return GenerateRequest(prompt, negative, model, int(seed), int(steps), float(guidance), int(size), int(size))
+
+
+@st.fragment(run_every=1.0)
+def job_status() -> None:
+    """This session's jobs: queued, running (with the step), done (opens the run) or failed."""
+    mine = st.session_state.get("my_jobs", [])
+    if not mine:
+        return
+    store = Path(store_path())
+    if jobs.live_worker(store) is None:
+        st.warning("No worker is running, so jobs wait in the queue: start one with `stepx worker` "
+                   "(`make demo` starts one).")  # fmt: skip
+    for job_id in reversed(mine[-5:]):
+        job = jobs.get(store, job_id)
+        if job is None:
+            continue
+        label = f"Job {job.job_id}: {job.request['prompt'][:60]}"
+        if job.status == "queued":
+            st.caption(f"{label} · queued")
+        elif job.status == "running":
+            total = job.total_steps or 1
+            st.progress(min(1.0, job.step / total), text=f"{label} · step {job.step} of {total}")
+        elif job.status == "failed":
+            st.error(f"{label} · failed: {job.error}")
+        elif job.status == "done":
+            st.caption(f"{label} · done")
+            opened = st.session_state.setdefault("opened_jobs", [])
+            if job.job_id not in opened:
+                opened.append(job.job_id)
+                select_run(job.run_id)
+                st.rerun(scope="app")
+
+
 def generate_panel(expanded: bool = False) -> None:
-    """Prompt box, model picker and Generate button; opens the new run when done."""
+    """Generate a new image through the queue and follow it."""
     with st.expander("Generate a new image", expanded=expanded):
-        entries = models()
-        if not entries:
-            st.error("Could not list the models (is the pipeline installed? run `make setup`).")
-            return
-        by_name = {e["name"]: e for e in entries}
-        preselect, reason = default_model(entries)
-        prompt = st.text_area("Prompt", "a red circle on the left and a blue square on the right", key="gen_prompt")
-        negative = st.text_input("Negative prompt", "", key="gen_negative")
-        names = list(by_name)
-        model = st.selectbox(
-            "Model",
-            names,
-            index=names.index(preselect),
-            format_func=lambda n: f"{by_name[n]['title']}" + ("" if by_name[n]["present"] else " (weights absent)"),
-            key="gen_model",
-        )
-        st.caption(reason if model == preselect else by_name[model]["where"])
-        spec = by_name[model]
-        c1, c2, c3, c4 = st.columns(4)
-        seed = c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
-        steps = c2.number_input("Steps", 1, 200, int(spec["steps"]), key=f"gen_steps_{model}")
-        guidance = c3.number_input("Guidance", 0.0, 30.0, float(spec["guidance"]), 0.5, key=f"gen_guidance_{model}")
-        size = c4.number_input("Size (px)", 64, 2048, int(spec["size"]), 64, key=f"gen_size_{model}")
-        if st.button("Generate", type="primary", disabled=not spec["present"], key="gen_go"):
-            if not prompt.strip():
-                st.error("Write a prompt first.")
-                return
-            bar = st.progress(0.0, text="Loading the model...")
-            req = GenerateRequest(prompt, negative, model, int(seed), int(steps), float(guidance), int(size), int(size))
-            try:
-                run_id = run_generation(req, store_path(), lambda k, n: bar.progress(k / n, text=f"Step {k} of {n}"))
-            except RuntimeError as exc:
-                st.error(str(exc))
-                return
-            select_run(run_id)
-            st.rerun()
+        req = request_form()
+        if req is not None:
+            submit(req)
+        job_status()

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=_guidance, help="default: the model's")
     ev.add_argument("--out", help="also write the report as JSON")
 
+    wk = sub.add_parser("worker", parents=[common], help="run queued generation jobs (the dashboard's Generate)")
+    wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    wk.add_argument("--poll", type=float, default=0.5, help="seconds between queue checks")
+    wk.add_argument("--device", choices=["cpu", "cuda"])
+
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
     y.add_argument("--runs", type=_positive_int, required=True)
     y.add_argument("--steps", type=_positive_int, default=20)
@@ -321,6 +326,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import serve
+
+    return serve(store_root(args.store), args.once, args.poll, args.device)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import synth_store
 
@@ -339,6 +350,7 @@ COMMANDS = {
     "gallery": cmd_gallery,
     "annotate": cmd_annotate,
     "eval": cmd_eval,
+    "worker": cmd_worker,
     "synth": cmd_synth,
 }
 
