@@ -289,6 +289,64 @@ def region_timings(store_dir: Path, run_id: str, repeats: int = 50) -> dict:
     }
 
 
+SQL_AGGREGATE = """
+SELECT word, level, avg(mass) AS mass, avg(entropy) AS entropy, avg(spread) AS spread, count(*) AS n
+FROM word_step_stats GROUP BY word, level ORDER BY mass DESC"""
+
+
+def sql_aggregate(n_runs: int, repeats: int = 5) -> dict:
+    """An aggregate over word_step_stats on a synthetic store (cold first query, then warm)."""
+    from analysis.store import Store
+
+    store_dir = TMP / f"synth-{n_runs}"
+    t0 = time.perf_counter()
+    store = Store(store_dir)
+    first = store.sql(SQL_AGGREGATE)
+    cold = (time.perf_counter() - t0) * 1000
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        store.sql(SQL_AGGREGATE)
+        warm.append((time.perf_counter() - t0) * 1000)
+    rows = store.sql("SELECT count(*) FROM word_step_stats").rows[0][0]
+    return {"runs": n_runs, "word_step_stats_rows": rows, "groups": len(first.rows), "cold_ms": round(cold, 1),
+            "warm_p50_ms": round(_pct(warm, 50), 1), "target_ms": 500}  # fmt: skip
+
+
+def queue_latency(jobs_n: int = 3) -> dict:
+    """Seconds from submitting a job to its first denoising step, with a worker already waiting."""
+    import os
+    import subprocess
+    import sys
+
+    from schema import jobs
+
+    store = TMP / "queue"
+    shutil.rmtree(store, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--store", str(store), "--poll", "0.2"],
+                              cwd=HERE.parent, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        request = {"prompt": "a red circle", "model": "tiny-random", "seed": 0, "steps": 3, "guidance": 3.0,
+                   "width": 64, "height": 64}  # fmt: skip
+        warm = jobs.submit(store, request)  # loads the model
+        while (j := jobs.get(store, warm)).status not in ("done", "failed"):
+            time.sleep(0.05)
+        latencies = []
+        for _ in range(jobs_n):
+            t0 = time.time()
+            job_id = jobs.submit(store, request)
+            while (j := jobs.get(store, job_id)).step < 1 and j.status not in ("done", "failed"):
+                time.sleep(0.01)
+            latencies.append(time.time() - t0)
+            while jobs.get(store, job_id).status not in ("done", "failed"):
+                time.sleep(0.05)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return {"jobs": jobs_n, "submit_to_first_step_p50_s": round(_pct(latencies, 50), 3), "poll_s": 0.2}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="skip the SD 1.5-architecture timing")
@@ -324,6 +382,8 @@ def main() -> None:
     results["regions"] = region_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
     results["projected_sd15_trace"] = projected_sd15_bytes()
     results["word_map_lookup"] = lookup_latency(1000)
+    results["sql_aggregate"] = [sql_aggregate(1000)]
+    results["queue"] = queue_latency()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
