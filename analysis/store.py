@@ -402,6 +402,21 @@ class Store:
         q = np.frombuffer(data, dtype=np.uint8).reshape(n, n).astype(np.float32)
         return SelfAttention(grid, q * (scale[:, None] / 255.0), kind, row["step_index"])
 
+    def depth(self, run_id: str) -> tuple[np.ndarray, dict] | None:
+        """The run's depth estimate ((height, width) float32, info) or None when none was computed."""
+        path = run_dir(self.root, run_id) / RUN_FILES["depth"]
+        try:
+            pf = pq.ParquetFile(path)
+        except FileNotFoundError:
+            self.run(run_id)
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: depth.parquet is unreadable ({exc})") from exc
+        check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
+        row = pf.read().to_pylist()[0]
+        depth = np.asarray(row.pop("map"), dtype=np.float32).reshape(row["height"], row["width"])
+        return depth, row
+
     def image(self, run_id: str, step: int | None = None) -> tuple[bytes, str]:
         """(encoded bytes, format) of the final image (step=None) or one step's preview."""
         kind = "final" if step is None else "preview"

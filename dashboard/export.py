@@ -54,6 +54,14 @@ def export_all(store: Store, run_id: str, cmap: str = "inferno", alpha: float = 
         meta["tokens"] = list(tokens.values())
         zf.writestr("run.json", json.dumps(meta, indent=2, default=str))
         zf.writestr("final.png", png_bytes(final))
+        depth = store.depth(run_id)
+        if depth is not None:
+            dmap, info = depth
+            zf.writestr("depth/depth.png", png_bytes(overlay(final, dmap - dmap.min(), 1.0, "viridis")))
+            dy, dx = np.divmod(np.arange(dmap.size), dmap.shape[1])
+            rows = "\n".join(f"{y},{x},{v:.6g}" for y, x, v in zip(dy, dx, dmap.reshape(-1).tolist(), strict=True))
+            zf.writestr("depth/depth.csv", "y,x,depth\n" + rows + "\n")
+            zf.writestr("depth/info.json", json.dumps(info, indent=2))
         zf.writestr(
             "README.txt",
             f"StepX export of run {run_id}: maps/step-SSS/token-TT-*.png are each token's cross-attention over that "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.state import models, select_run, store_path
+from dashboard.state import generators, select_run, store_path
 from schema import jobs
 
 
@@ -45,7 +45,7 @@ def submit(req: GenerateRequest) -> int:
 
 def request_form() -> GenerateRequest | None:
     """Prompt box, model picker and settings; the request when Generate is pressed."""
-    entries = models()
+    entries = generators()
     if not entries:
         st.error("Could not list the models (is the pipeline installed? run `make setup`).")
         return None
@@ -100,6 +100,8 @@ def job_status() -> None:
             st.error(f"{label} · failed: {job.error}")
         elif job.status == "done":
             st.caption(f"{label} · done")
+            if job.request.get("kind") == "depth":
+                continue
             opened = st.session_state.setdefault("opened_jobs", [])
             if job.job_id not in opened:
                 opened.append(job.job_id)

@@ -60,6 +60,14 @@ def models() -> list[dict]:
     return json.loads(out.stdout)
 
 
+def generators() -> list[dict]:
+    return [m for m in models() if m.get("role", "generate") == "generate"]
+
+
+def depth_models() -> list[dict]:
+    return [m for m in models() if m.get("role") == "depth"]
+
+
 def guarded(body: Callable[[], None]) -> None:
     """Run a page body; store problems and surprises become one message, never a traceback."""
     try:

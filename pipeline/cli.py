@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=_size)
     g.add_argument("--tag", action="append", default=[], help="tag the run (repeatable)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    g.add_argument("--depth", action="store_true", help="also estimate depth of the final image")
+    g.add_argument("--depth-model", default="zoedepth", choices=["zoedepth", "dpt", "depth-anything"])
+    g.add_argument("--depth-path", help="folder holding the depth estimator")
+
+    d = sub.add_parser("depth", parents=[common], help="estimate depth for an existing run (a companion map)")
+    d.add_argument("run_id")
+    d.add_argument("--depth-model", default="zoedepth", choices=["zoedepth", "dpt", "depth-anything"])
+    d.add_argument("--depth-path", help="folder holding the depth estimator")
 
     r = sub.add_parser("runs", parents=[common], help="list runs")
     r.add_argument("--search", help="text in the prompt")
@@ -167,6 +175,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     try:
         validate_prompt(config)
+        depth = None
+        if args.depth:
+            from pipeline.depth import load_depth_model
+
+            depth = load_depth_model(args.depth_model, args.depth_path)
         model = load_model(args.model, args.model_path, args.device)
         tty = sys.stderr.isatty()
 
@@ -180,7 +193,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (GenerationError, ModelNotFoundError) as exc:
         raise CliError(f"stepx generate: {exc}", 2 if isinstance(exc, GenerationError) else 1) from None
     written = write_trace(store_root(args.store), trace)
+    if depth is not None:
+        from pipeline.depth import depth_for_run
+
+        depth_for_run(store_root(args.store), written.run_id, depth)
     print(written.run_id)
+    return 0
+
+
+def cmd_depth(args: argparse.Namespace) -> int:
+    from pipeline.depth import depth_for_run, load_depth_model
+    from pipeline.models import ModelNotFoundError
+
+    _store(args).run(args.run_id)
+    try:
+        depth = load_depth_model(args.depth_model, args.depth_path)
+    except ModelNotFoundError as exc:
+        raise CliError(f"stepx depth: {exc}") from None
+    print(depth_for_run(store_root(args.store), args.run_id, depth))
     return 0
 
 
@@ -258,8 +288,15 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "size": spec.size,
                 "steps": spec.steps,
                 "guidance": spec.guidance,
+                "role": "generate",
             }
         )
+    from pipeline.depth import DEPTH_MODELS, depth_availability
+
+    for name, spec in DEPTH_MODELS.items():
+        ok, where = depth_availability(name)
+        entries.append({"name": name, "title": f"depth: {spec.repo_id}", "present": ok, "where": where,
+                        "default": name == "zoedepth", "role": "depth"})  # fmt: skip
     if args.format == "json":
         print(json.dumps(entries))
         return 0
@@ -351,6 +388,7 @@ COMMANDS = {
     "annotate": cmd_annotate,
     "eval": cmd_eval,
     "worker": cmd_worker,
+    "depth": cmd_depth,
     "synth": cmd_synth,
 }
 

@@ -68,15 +68,31 @@ HELDOUT: tuple[tuple[str, str, str], ...] = (
 )
 
 # Words the parser accepts for each attribute (first entry of each tuple is canonical).
-_SHAPE_WORDS = {"circle": "circle", "circles": "circle", "disc": "circle", "disk": "circle",
-                "ball": "circle", "square": "square", "squares": "square", "box": "square",
-                "triangle": "triangle", "triangles": "triangle"}
+_SHAPE_WORDS = {
+    "circle": "circle",
+    "circles": "circle",
+    "disc": "circle",
+    "disk": "circle",
+    "ball": "circle",
+    "square": "square",
+    "squares": "square",
+    "box": "square",
+    "triangle": "triangle",
+    "triangles": "triangle",
+}
 _COLOUR_WORDS = {c: c for c in COLOURS}
-_POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom",
-                   "center": "center", "centre": "center", "middle": "center", "upper": "top",
-                   "lower": "bottom"}
-_SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "large": "large",
-               "big": "large", "huge": "large"}
+_POSITION_WORDS = {
+    "left": "left",
+    "right": "right",
+    "top": "top",
+    "bottom": "bottom",
+    "center": "center",
+    "centre": "center",
+    "middle": "center",
+    "upper": "top",
+    "lower": "bottom",
+}
+_SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "large": "large", "big": "large", "huge": "large"}
 
 
 @dataclass(frozen=True)
@@ -156,23 +172,22 @@ def parse_caption(text: str) -> list[ObjectSpec]:
             else:
                 pending_size = _SIZE_WORDS[tok]
         elif tok in _COLOUR_WORDS:
-            specs.append({"colour": _COLOUR_WORDS[tok], "shape": None, "position": None,
-                          "size": pending_size})
+            specs.append({"colour": _COLOUR_WORDS[tok], "shape": None, "position": None, "size": pending_size})
             pending_size = None
         elif tok in _SHAPE_WORDS and specs and specs[-1]["shape"] is None:
             specs[-1]["shape"] = _SHAPE_WORDS[tok]
         elif tok in _POSITION_WORDS and specs and specs[-1]["position"] is None:
             specs[-1]["position"] = _POSITION_WORDS[tok]
     return [
-        ObjectSpec(shape=str(s["shape"]), colour=str(s["colour"]), position=s["position"],
-                   size=s["size"])
+        ObjectSpec(shape=str(s["shape"]), colour=str(s["colour"]), position=s["position"], size=s["size"])
         for s in specs
         if s["shape"] is not None
     ]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float,
-                fill: tuple[int, ...] | int) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, half: float, fill: tuple[int, ...] | int
+) -> None:
     x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
     if shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -184,8 +199,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, hal
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _place(rng: np.random.Generator, positions: list[str], sizes: list[str | None],
-           size: int) -> tuple[list[tuple[float, float]], list[str]]:
+def _place(
+    rng: np.random.Generator, positions: list[str], sizes: list[str | None], size: int
+) -> tuple[list[tuple[float, float]], list[str]]:
     """Centres and sizes for objects at the given positions whose boxes do not touch."""
     scale = size / IMAGE_SIZE
     for _ in range(50):
@@ -241,8 +257,14 @@ def render(specs: list[ObjectSpec], rng: np.random.Generator, size: int = IMAGE_
     return Scene(image=image.copy(), caption=caption, words=words, objects=objects)
 
 
-def sample_specs(rng: np.random.Generator, n_objects: int, *, heldout: str = "exclude",
-                 p_size_word: float = 0.5, p_no_position: float = 0.1) -> list[ObjectSpec]:
+def sample_specs(
+    rng: np.random.Generator,
+    n_objects: int,
+    *,
+    heldout: str = "exclude",
+    p_size_word: float = 0.5,
+    p_no_position: float = 0.1,
+) -> list[ObjectSpec]:
     """Random object specs with distinct colours and positions.
 
     heldout: "exclude" never uses a `HELDOUT` combination (training), "require" makes the first
@@ -269,8 +291,7 @@ def sample_specs(rng: np.random.Generator, n_objects: int, *, heldout: str = "ex
         for colour, shape, position in triples:
             stated_size = str(rng.choice(SIZES)) if rng.random() < p_size_word else None
             drop = heldout != "require" and rng.random() < p_no_position
-            specs.append(ObjectSpec(str(shape), str(colour), None if drop else str(position),
-                                    stated_size))
+            specs.append(ObjectSpec(str(shape), str(colour), None if drop else str(position), stated_size))
         if heldout == "require":
             order = rng.permutation(n_objects)
             specs = [specs[i] for i in order]
@@ -315,8 +336,24 @@ def scene_for_prompt(text: str, seed: int = 0, size: int = IMAGE_SIZE) -> Scene:
 
 
 __all__ = [
-    "ANCHORS", "BACKGROUND", "COLOURS", "HELDOUT", "IMAGE_SIZE", "PALETTE", "POSITIONS",
-    "SHAPES", "SIZES", "ObjectSpec", "Scene", "SceneObject", "heldout_suite", "is_heldout",
-    "make_caption", "parse_caption", "render", "sample_specs", "scene_for_prompt",
+    "ANCHORS",
+    "BACKGROUND",
+    "COLOURS",
+    "HELDOUT",
+    "IMAGE_SIZE",
+    "PALETTE",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "ObjectSpec",
+    "Scene",
+    "SceneObject",
+    "heldout_suite",
+    "is_heldout",
+    "make_caption",
+    "parse_caption",
+    "render",
+    "sample_specs",
+    "scene_for_prompt",
     "training_scene",
 ]

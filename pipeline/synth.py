@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline.index import update_index
 from pipeline.trace import StepRecord, TokenInfo, Trace
 from pipeline.trace_writer import build_tables, write_tables
+from schema import SCHEMA_VERSION
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -133,7 +134,7 @@ def synth_trace(
         "torch_version": "",
         "diffusers_version": "",
         "stepx_version": "synthetic",
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "device": "none",
         "dtype": "float32",
         "prompt_truncated": False,

@@ -204,9 +204,14 @@ class RecordingCrossAttnProcessor:
     def __init__(self, store: AttentionStore) -> None:
         self.store = store
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
         """Standard attention; stores mean-over-heads probabilities (B, HW, T) when active."""
         b, n, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -265,8 +270,9 @@ def to_tensor_images(batch: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def caption_tokens(tokenizer: CLIPTokenizer, words: list[tuple[str, int]],
-                   max_length: int) -> tuple[list[int], list[int]]:
+def caption_tokens(
+    tokenizer: CLIPTokenizer, words: list[tuple[str, int]], max_length: int
+) -> tuple[list[int], list[int]]:
     """Token ids (BOS, words, EOS, padding) and the object index of each token (-1 for none)."""
     ids = [tokenizer.bos_token_id]
     owner = [-1]
@@ -331,7 +337,7 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
         for s in seeds:
             image = scenes.training_scene(s, size=cfg.image_size).image
             y, x = (rng.integers(0, (cfg.image_size - crop) // 4 + 1, size=2) * 4).tolist()
-            crops.append(image[y:y + crop, x:x + crop])
+            crops.append(image[y : y + crop, x : x + crop])
         x = to_tensor_images(crops)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             post = vae.encode(x).latent_dist
@@ -346,8 +352,10 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
         loss.backward()
         opt.step()
         if step % 100 == 0:
-            log(f"vae step {step} weighted l1 {l1.item():.4f} mse {mse.item():.4f} "
-                f"kl {kl.item():.1f} {(step + 1) / (time.time() - start):.2f} it/s")
+            log(
+                f"vae step {step} weighted l1 {l1.item():.4f} mse {mse.item():.4f} "
+                f"kl {kl.item():.1f} {(step + 1) / (time.time() - start):.2f} it/s"
+            )
         step += 1
     vae.eval()
     from analysis.scene_check import check_objects
@@ -359,21 +367,34 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
         rec = vae.decode(lat).sample
         l1 = (rec - x).abs().mean().item()
     images = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    judged = [c.correct for s, im in zip(held, images, strict=True)
-              for c in check_objects(im, [o.spec for o in s.objects])]
+    judged = [
+        c.correct for s, im in zip(held, images, strict=True) for c in check_objects(im, [o.spec for o in s.objects])
+    ]
     sf = float(1.0 / lat.std())
-    log(f"vae done: {step} steps, held-out L1 {l1:.4f}, reconstructions judged correct "
-        f"{np.mean(judged):.3f}, scaling_factor {sf:.4f}")
-    atomic_save({"state": vae.state_dict(), "scaling_factor": sf, "l1": l1, "steps": step,
-                 "recon_correct": float(np.mean(judged)), "seconds": time.time() - start}, path)
+    log(
+        f"vae done: {step} steps, held-out L1 {l1:.4f}, reconstructions judged correct "
+        f"{np.mean(judged):.3f}, scaling_factor {sf:.4f}"
+    )
+    atomic_save(
+        {
+            "state": vae.state_dict(),
+            "scaling_factor": sf,
+            "l1": l1,
+            "steps": step,
+            "recon_correct": float(np.mean(judged)),
+            "seconds": time.time() - start,
+        },
+        path,
+    )
     return vae, sf
 
 
 # ----------------------------------------------------------------------------- stage 2: data
 
 
-def build_data(cfg: Config, work: Path, vae: AutoencoderKL, sf: float,
-               tokenizer: CLIPTokenizer, log: Logger) -> dict[str, torch.Tensor]:
+def build_data(
+    cfg: Config, work: Path, vae: AutoencoderKL, sf: float, tokenizer: CLIPTokenizer, log: Logger
+) -> dict[str, torch.Tensor]:
     """Encode the training scenes once (latents, token ids, token owners, latent-grid masks)."""
     path = work / "data.pt"
     if path.exists():
@@ -388,11 +409,13 @@ def build_data(cfg: Config, work: Path, vae: AutoencoderKL, sf: float,
     count = torch.zeros(n, dtype=torch.int8)
     chunk = 500
     for lo in range(0, n, chunk):
-        batch = [scenes.training_scene(cfg.seed * 1_000_003 + i, n_objects=1 + i % 3,
-                                       size=cfg.image_size) for i in range(lo, min(n, lo + chunk))]
+        batch = [
+            scenes.training_scene(cfg.seed * 1_000_003 + i, n_objects=1 + i % 3, size=cfg.image_size)
+            for i in range(lo, min(n, lo + chunk))
+        ]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             lat = vae.encode(to_tensor_images([s.image for s in batch])).latent_dist.mean.float()
-        latents[lo:lo + len(batch)] = lat * sf
+        latents[lo : lo + len(batch)] = lat * sf
         for j, s in enumerate(batch):
             tok, own = caption_tokens(tokenizer, s.words, cfg.max_length)
             ids[lo + j] = torch.tensor(tok)
@@ -410,8 +433,9 @@ def build_data(cfg: Config, work: Path, vae: AutoencoderKL, sf: float,
 # ----------------------------------------------------------------------------- stage 3: denoiser
 
 
-def grounding_loss(maps: list[torch.Tensor], owner: torch.Tensor, masks16: torch.Tensor,
-                   keep: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+def grounding_loss(
+    maps: list[torch.Tensor], owner: torch.Tensor, masks16: torch.Tensor, keep: torch.Tensor, cfg: Config
+) -> tuple[torch.Tensor, dict[str, float]]:
     """TokenCompose-style token + pixel losses plus a background term, averaged over layers.
 
     maps: per cross-attention layer (B, HW, T) head-averaged probabilities; owner (B, T) object
@@ -435,8 +459,7 @@ def grounding_loss(maps: list[torch.Tensor], owner: torch.Tensor, masks16: torch
         frac = inside / total
         total_tok = total_tok + ((1 - frac) * tok_any).sum() / n_tok
         norm = probs / probs.amax(dim=1, keepdim=True).clamp(min=1e-6)
-        bce = F.binary_cross_entropy(norm.clamp(1e-4, 1 - 1e-4), target.clamp(0, 1),
-                                     reduction="none")
+        bce = F.binary_cross_entropy(norm.clamp(1e-4, 1 - 1e-4), target.clamp(0, 1), reduction="none")
         total_pix = total_pix + (bce.mean(1) * tok_any).sum() / n_tok
         bg = (1 - m.sum(1)).clamp(min=0) * keep.view(-1, 1)  # (B, HW)
         on_objects = (probs * tok_any.unsqueeze(1)).sum(-1)  # (B, HW)
@@ -444,8 +467,12 @@ def grounding_loss(maps: list[torch.Tensor], owner: torch.Tensor, masks16: torch
         mass += float((frac.detach() * tok_any).sum() / n_tok)
     n = len(maps)
     loss = (total_tok + cfg.ground_pixel_weight * total_pix + cfg.ground_bg_weight * total_bg) / n
-    stats = {"g_tok": float(total_tok.detach()) / n, "g_pix": float(total_pix.detach()) / n,
-             "g_bg": float(total_bg.detach()) / n, "mass_in": mass / n}
+    stats = {
+        "g_tok": float(total_tok.detach()) / n,
+        "g_pix": float(total_pix.detach()) / n,
+        "g_bg": float(total_bg.detach()) / n,
+        "mass_in": mass / n,
+    }
     return loss, stats
 
 
@@ -458,8 +485,7 @@ class TrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def sample_batch(data: dict[str, torch.Tensor], cfg: Config, step: int,
-                 pools: dict[int, np.ndarray]) -> torch.Tensor:
+def sample_batch(data: dict[str, torch.Tensor], cfg: Config, step: int, pools: dict[int, np.ndarray]) -> torch.Tensor:
     """Indices for one batch under the object-count curriculum; deterministic in (seed, step)."""
     rng = np.random.default_rng([cfg.seed, step, 31])
     if step < cfg.curriculum[0]:
@@ -505,9 +531,7 @@ class Trainer:
         self.state = TrainState()
         count = self.data["count"].numpy()
         self.pools = {c: np.nonzero(count == c)[0] for c in (1, 2, 3)}
-        self.empty_ids = torch.tensor(
-            self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids
-        )
+        self.empty_ids = torch.tensor(self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids)
 
     # -- checkpoints
 
@@ -516,15 +540,18 @@ class Trainer:
         path = self.work / "ckpt.pt"
         if path.exists():
             os.replace(path, self.work / "ckpt-prev.pt")
-        atomic_save({
-            "config": asdict(self.cfg),
-            "text": self.text.state_dict(),
-            "unet": self.unet.state_dict(),
-            "ema_text": self.ema_text.state_dict(),
-            "ema_unet": self.ema_unet.state_dict(),
-            "opt": self.opt.state_dict(),
-            "state": asdict(self.state),
-        }, path)
+        atomic_save(
+            {
+                "config": asdict(self.cfg),
+                "text": self.text.state_dict(),
+                "unet": self.unet.state_dict(),
+                "ema_text": self.ema_text.state_dict(),
+                "ema_unet": self.ema_unet.state_dict(),
+                "opt": self.opt.state_dict(),
+                "state": asdict(self.state),
+            },
+            path,
+        )
 
     def load(self) -> bool:
         """Resume from the latest readable checkpoint; False if there is none."""
@@ -543,8 +570,7 @@ class Trainer:
             self.ema_unet.load_state_dict(blob["ema_unet"])
             self.opt.load_state_dict(blob["opt"])
             self.state = TrainState(**blob["state"])
-            self.log(f"resume: {name} at step {self.state.step} "
-                     f"({self.state.train_seconds / 60:.1f} min trained)")
+            self.log(f"resume: {name} at step {self.state.step} ({self.state.train_seconds / 60:.1f} min trained)")
             return True
         return False
 
@@ -570,8 +596,7 @@ class Trainer:
         snr = ac / (1 - ac)
         weight = snr.clamp(max=cfg.min_snr) / snr
         lr_scale = min(1.0, (st.step + 1) / cfg.warmup)
-        for group, base in zip(self.opt.param_groups, (cfg.lr, cfg.lr * cfg.text_lr_mult),
-                               strict=True):
+        for group, base in zip(self.opt.param_groups, (cfg.lr, cfg.lr * cfg.text_lr_mult), strict=True):
             group["lr"] = base * lr_scale
         self.store.clear()
         self.store.active = True
@@ -581,14 +606,12 @@ class Trainer:
         self.store.active = False
         mse = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         denoise = (mse * weight).mean()
-        ground, stats = grounding_loss([m.float() for m in self.store.maps], owner, masks,
-                                       keep, cfg)
+        ground, stats = grounding_loss([m.float() for m in self.store.maps], owner, masks, keep, cfg)
         self.store.clear()
         loss = denoise + cfg.ground_weight * ground
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            [*self.unet.parameters(), *self.text.parameters()], 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text.parameters()], 1.0)
         self.opt.step()
         decay = min(cfg.ema_decay, (1 + st.step) / (10 + st.step))
         with torch.no_grad():
@@ -596,9 +619,14 @@ class Trainer:
                 for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
                     pe.lerp_(pl, 1 - decay)
         st.step += 1
-        return {"loss": float(loss.detach()), "mse": float(mse.detach().mean()),
-                "denoise": float(denoise.detach()), "ground": float(ground.detach()),
-                "gnorm": float(gnorm), **stats}
+        return {
+            "loss": float(loss.detach()),
+            "mse": float(mse.detach().mean()),
+            "denoise": float(denoise.detach()),
+            "ground": float(ground.detach()),
+            "gnorm": float(gnorm),
+            **stats,
+        }
 
     # -- loop
 
@@ -617,10 +645,11 @@ class Trainer:
         last_ckpt = last_eval = time.time()
         window: list[dict[str, float]] = []
         window_start = time.time()
-        n_params = (sum(p.numel() for p in self.unet.parameters()),
-                    sum(p.numel() for p in self.text.parameters()))
-        self.log(f"train: unet {n_params[0] / 1e6:.2f}M, text {n_params[1] / 1e6:.2f}M params, "
-                 f"from step {st.step}, budget {minutes:.1f} min, config {json.dumps(asdict(cfg))}")
+        n_params = (sum(p.numel() for p in self.unet.parameters()), sum(p.numel() for p in self.text.parameters()))
+        self.log(
+            f"train: unet {n_params[0] / 1e6:.2f}M, text {n_params[1] / 1e6:.2f}M params, "
+            f"from step {st.step}, budget {minutes:.1f} min, config {json.dumps(asdict(cfg))}"
+        )
         while not stop["now"]:
             if time.time() - start > minutes * 60 or (max_steps is not None and st.step >= max_steps):
                 break
@@ -630,8 +659,9 @@ class Trainer:
             if st.step % 25 == 0:
                 avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 rate = len(window) / (time.time() - window_start)
-                self.log(f"step {st.step} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-                         + f" | {rate:.3f} steps/s")
+                self.log(
+                    f"step {st.step} " + " ".join(f"{k} {v:.4f}" for k, v in avg.items()) + f" | {rate:.3f} steps/s"
+                )
                 window, window_start = [], time.time()
             if time.time() - last_ckpt > cfg.ckpt_minutes * 60:
                 self.save()
@@ -649,9 +679,16 @@ class Trainer:
         """Held-out evaluation of the EMA weights, logged and remembered in the checkpoint."""
         cfg = self.cfg
         t0 = time.time()
-        res = evaluate(self.ema_unet, self.ema_text, self.vae, self.sf, self.tokenizer,
-                       n=n or cfg.eval_prompts, guidance=guidance or cfg.eval_guidance,
-                       steps=cfg.eval_steps)
+        res = evaluate(
+            self.ema_unet,
+            self.ema_text,
+            self.vae,
+            self.sf,
+            self.tokenizer,
+            n=n or cfg.eval_prompts,
+            guidance=guidance or cfg.eval_guidance,
+            steps=cfg.eval_steps,
+        )
         res.update(step=self.state.step, eval_seconds=round(time.time() - t0, 1))
         self.state.evals.append(res)
         self.log("eval " + json.dumps(res))
@@ -684,9 +721,17 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
 
 
 @torch.no_grad()
-def generate_with_maps(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL,
-                       sf: float, tokenizer: CLIPTokenizer, prompts: list[str], guidance: float,
-                       steps: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+def generate_with_maps(
+    unet: UNet2DConditionModel,
+    text: CLIPTextModel,
+    vae: AutoencoderKL,
+    sf: float,
+    tokenizer: CLIPTokenizer,
+    prompts: list[str],
+    guidance: float,
+    steps: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, torch.Tensor]:
     """Sample images (N, H, W, 3 uint8) and word maps (N, T, H, W) for the prompts.
 
     A word map is the token's cross-attention, heads averaged, per UNet level averaged over that
@@ -697,8 +742,7 @@ def generate_with_maps(unet: UNet2DConditionModel, text: CLIPTextModel, vae: Aut
     install_recorder(unet, store)
     n = len(prompts)
     length = tokenizer.model_max_length
-    ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=length,
-                                 truncation=True).input_ids)
+    ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids)
     empty = torch.tensor(tokenizer([""] * n, padding="max_length", max_length=length).input_ids)
     context = torch.cat([text(empty)[0], text(ids)[0]])
     sched = make_sample_scheduler()
@@ -735,23 +779,43 @@ def generate_with_maps(unet: UNet2DConditionModel, text: CLIPTextModel, vae: Aut
     return image, maps.reshape(n, length, size, size)
 
 
-def evaluate(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, sf: float,
-             tokenizer: CLIPTokenizer, n: int = 24, guidance: float = 2.5, steps: int = 20,
-             seed: int = 0, suite_seed: int = 1234) -> dict[str, Any]:
+def evaluate(
+    unet: UNet2DConditionModel,
+    text: CLIPTextModel,
+    vae: AutoencoderKL,
+    sf: float,
+    tokenizer: CLIPTokenizer,
+    n: int = 24,
+    guidance: float = 2.5,
+    steps: int = 20,
+    seed: int = 0,
+    suite_seed: int = 1234,
+) -> dict[str, Any]:
     """Held-out suite scores: object checks and shape-noun word-map IoU vs a uniform map."""
     from analysis.scene_check import check_objects, iou
 
     suite = scenes.heldout_suite(n, seed=suite_seed, size=vae.config.sample_size)
-    flags: dict[str, list[float]] = {k: [] for k in (
-        "present", "colour_ok", "region_ok", "objects_correct", "miou_daam", "miou_otsu",
-        "miou_uniform", "mass_in", "miou_daam_correct")}
+    flags: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "present",
+            "colour_ok",
+            "region_ok",
+            "objects_correct",
+            "miou_daam",
+            "miou_otsu",
+            "miou_uniform",
+            "mass_in",
+            "miou_daam_correct",
+        )
+    }
     blank = 0
     chunk = 16
     for lo in range(0, n, chunk):
-        part = suite[lo:lo + chunk]
-        images, maps = generate_with_maps(unet, text, vae, sf, tokenizer,
-                                          [s.caption for s in part], guidance, steps,
-                                          seed=seed + lo)
+        part = suite[lo : lo + chunk]
+        images, maps = generate_with_maps(
+            unet, text, vae, sf, tokenizer, [s.caption for s in part], guidance, steps, seed=seed + lo
+        )
         for scene, image, wmap in zip(part, images, maps.numpy(), strict=True):
             checks = check_objects(image, [o.spec for o in scene.objects])
             blank += not any(c.present or c.colour_ok for c in checks)
@@ -761,8 +825,7 @@ def evaluate(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL
                 flags["colour_ok"].append(chk.colour_ok)
                 flags["region_ok"].append(chk.region_ok)
                 flags["objects_correct"].append(chk.correct)
-                tok = next(p for p, (w, o) in zip(starts, scene.words, strict=True)
-                           if o == k and w == obj.spec.shape)
+                tok = next(p for p, (w, o) in zip(starts, scene.words, strict=True) if o == k and w == obj.spec.shape)
                 heat = wmap[tok]
                 ref = chk.mask if chk.correct and chk.mask.any() else obj.mask
                 daam = iou(heat >= 0.4 * heat.max(), ref) if heat.max() > 0 else 0.0
@@ -774,14 +837,17 @@ def evaluate(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL
                 if chk.correct:
                     flags["miou_daam_correct"].append(daam)
     res: dict[str, Any] = {k: round(float(np.mean(v)), 4) if v else 0.0 for k, v in flags.items()}
-    res.update(prompts=n, objects=len(flags["present"]), blank=round(blank / n, 4),
-               guidance=guidance)
+    res.update(prompts=n, objects=len(flags["present"]), blank=round(blank / n, 4), guidance=guidance)
     return res
 
 
-def time_generation(model_dir: Path, guidance: float, runs: int = 3,
-                    prompt: str = "a red circle on the left and a blue square on the right",
-                    sample_path: Path | None = None) -> dict[str, Any]:
+def time_generation(
+    model_dir: Path,
+    guidance: float,
+    runs: int = 3,
+    prompt: str = "a red circle on the left and a blue square on the right",
+    sample_path: Path | None = None,
+) -> dict[str, Any]:
     """Median wall time of a 20-step pipeline call on the saved model (after one warm-up)."""
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -790,14 +856,18 @@ def time_generation(model_dir: Path, guidance: float, runs: int = 3,
     for i in range(runs + 1):
         gen = torch.Generator().manual_seed(i)
         t0 = time.perf_counter()
-        image = pipe(prompt, num_inference_steps=20, guidance_scale=guidance,
-                     generator=gen).images[0]
+        image = pipe(prompt, num_inference_steps=20, guidance_scale=guidance, generator=gen).images[0]
         if i:
             times.append(time.perf_counter() - t0)
     if sample_path is not None and image is not None:
         image.resize((256, 256)).save(sample_path)
-    return {"seconds": float(np.median(times)), "runs": runs, "steps": 20,
-            "threads": torch.get_num_threads(), "prompt": prompt}
+    return {
+        "seconds": float(np.median(times)),
+        "runs": runs,
+        "steps": 20,
+        "threads": torch.get_num_threads(),
+        "prompt": prompt,
+    }
 
 
 # ----------------------------------------------------------------------------- export
@@ -816,8 +886,13 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
     unet = make_unet(cfg)
     unet.load_state_dict(trainer.ema_unet.state_dict())
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-        scheduler=make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
@@ -825,8 +900,7 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
     sweep: list[dict[str, Any]] = []
     if final_eval:
         for g in (1.5, 2.0, 3.0, 4.0):
-            res = evaluate(unet, text, vae, trainer.sf, tokenizer, n=48, guidance=g,
-                           steps=cfg.eval_steps)
+            res = evaluate(unet, text, vae, trainer.sf, tokenizer, n=48, guidance=g, steps=cfg.eval_steps)
             res["guidance"] = g
             sweep.append(res)
             log("export eval " + json.dumps(res))
@@ -839,8 +913,26 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
     log(f"export: model card written, folder {size_mb:.1f} MB, default guidance {guidance}")
 
 
-def write_card(out: Path, cfg: Config, trainer: Trainer, sweep: list[dict[str, Any]],
-               guidance: float, timing: dict[str, Any], size_mb: float) -> None:
+def cpu_name() -> str:
+    """The CPU's model name, as the OS reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_card(
+    out: Path,
+    cfg: Config,
+    trainer: Trainer,
+    sweep: list[dict[str, Any]],
+    guidance: float,
+    timing: dict[str, Any],
+    size_mb: float,
+) -> None:
     """The README.md model card: data, recipe, training time, hardware, scores."""
     st = trainer.state
     vae_blob = torch.load(trainer.work / "vae.pt", weights_only=False)
@@ -852,8 +944,7 @@ def write_card(out: Path, cfg: Config, trainer: Trainer, sweep: list[dict[str, A
     )
     held = "\n".join(f"- {c} {s} at {p}" for c, s, p in scenes.HELDOUT)
     history = "\n".join(
-        f"| {e['step']} | {e['objects_correct']:.3f} | {e['miou_daam']:.3f} | {e['miou_otsu']:.3f} |"
-        for e in st.evals
+        f"| {e['step']} | {e['objects_correct']:.3f} | {e['miou_daam']:.3f} | {e['miou_otsu']:.3f} |" for e in st.evals
     )
     text = f"""---
 library_name: diffusers
@@ -919,7 +1010,7 @@ them, with ground-truth masks from the renderer.
 
 ## Training
 
-{st.step} steps, {st.train_seconds / 3600:.2f} h of training on {platform.processor() or platform.machine()}
+{st.step} steps, {st.train_seconds / 3600:.2f} h of training on {cpu_name()}
 CPU ({torch.get_num_threads()} threads, no GPU), torch {torch.__version__}. Reproducible from
 seed {cfg.seed}: batches and noise are drawn from (seed, step), so resumed runs follow the same
 sequence.
@@ -970,16 +1061,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-export", action="store_true", help="skip the export at the end")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override Config fields for a new run")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override Config fields for a new run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     log = Logger(args.work / "log.txt")
     cfg_path = args.work / "config.json"
     if cfg_path.exists():
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
-                        for k, v in json.loads(cfg_path.read_text()).items()})
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_path.read_text()).items()})
         if args.set:
             log("note: --set ignored, the work folder already has config.json")
     else:

@@ -23,6 +23,9 @@ def run_job(store: Path, job: jobs.Job, models: dict, device: str | None) -> Non
     from pipeline.trace_writer import write_trace
 
     req = job.request
+    if req.get("kind") == "depth":
+        run_depth_job(store, job)
+        return
     try:
         name = req.get("model")
         if name not in models:
@@ -47,6 +50,25 @@ def run_job(store: Path, job: jobs.Job, models: dict, device: str | None) -> Non
         jobs.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
         return
     jobs.finish(store, job.job_id, run_id=run_id)
+
+
+def run_depth_job(store: Path, job: jobs.Job) -> None:
+    """Estimate depth for an existing run."""
+    from pipeline.depth import depth_for_run, load_depth_model
+    from pipeline.models import ModelNotFoundError
+
+    req = job.request
+    try:
+        jobs.progress(store, job.job_id, 0, 1)
+        depth_for_run(store, req["run_id"], load_depth_model(req.get("depth_model", "zoedepth")))
+    except (ModelNotFoundError, FileNotFoundError, ValueError) as exc:
+        jobs.finish(store, job.job_id, error=str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - the worker keeps serving
+        jobs.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
+        return
+    jobs.progress(store, job.job_id, 1, 1)
+    jobs.finish(store, job.job_id, run_id=req["run_id"])
 
 
 def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional depth table
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -134,6 +134,19 @@ IMAGES = pa.schema(
     ]
 )
 
+DEPTH = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("model_id", pa.string(), "Depth estimator the map came from (hub id or folder)."),
+        _f("kind", pa.string(), "'metric' (ZoeDepth: larger = farther) or 'relative' (DPT, Depth Anything: larger = nearer)."),
+        _f("height", pa.int32(), "Map height (the image's)."),
+        _f("width", pa.int32(), "Map width."),
+        _f("map", pa.list_(pa.float16()), "Depth estimate per image pixel, row-major. Not an attention map."),
+        _f("min_value", pa.float32(), "Smallest value of the map."),
+        _f("max_value", pa.float32(), "Largest value of the map."),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "tokens": TOKENS,
@@ -141,6 +154,7 @@ TABLES: dict[str, pa.Schema] = {
     "word_step_stats": WORD_STEP_STATS,
     "self_attention": SELF_ATTENTION,
     "images": IMAGES,
+    "depth": DEPTH,  # optional: written later, beside the other files, by `stepx depth`
 }
 RUN_FILES: dict[str, str] = {name: f"{name}.parquet" for name in TABLES}
 # Small tables the store's index copies into its own segments, so listing and SQL stay fast at scale.

@@ -24,7 +24,7 @@ from analysis.heatmaps import aggregate_levels
 from analysis.store import GLOBAL, RunDataMissing, RunNotFound, Store, WordNotFound
 from pipeline.index import rebuild_index, update_index
 from pipeline.synth import synth_store
-from schema import SchemaVersionError
+from schema import SCHEMA_VERSION, SchemaVersionError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_round_trip_metadata_tokens(traced_store):
     trace = traces[0]
     run = store.run(trace.run["run_id"])
     assert run["prompt"] == trace.run["prompt"] and run["seed"] == 1 and run["steps"] == 4
-    assert run["schema_version"] == "1.0" and run["levels"] == ["32x32", "16x16"]
+    assert run["schema_version"] == SCHEMA_VERSION and run["levels"] == ["32x32", "16x16"]
     assert json.loads(run["config_json"])["model"] == "tiny-random"
     words = store.words(trace.run["run_id"])
     assert [w.word for w in words] == ["a", "red", "circle", "on", "the", "left", "and", "a", "blue", "square"]
@@ -93,7 +93,7 @@ def test_round_trip_self_attention_and_images(traced_store):
 def test_every_file_carries_schema_version(traced_store):
     root, traces = traced_store
     for f in (root / "runs" / traces[0].run["run_id"]).glob("*.parquet"):
-        assert pq.ParquetFile(f).schema_arrow.metadata[b"stepx.schema_version"] == b"1.0"
+        assert pq.ParquetFile(f).schema_arrow.metadata[b"stepx.schema_version"] == SCHEMA_VERSION.encode()
 
 
 def test_sql_views_and_stats(traced_store):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from analysis.store import GLOBAL, Word
 from dashboard.export import export_all
 from dashboard.generate import generate_panel
 from dashboard.render import COLORMAPS, decode, gif_bytes, overlay
-from dashboard.state import guarded, image_bytes, store, store_path, word_map
+from dashboard.state import depth_models, guarded, image_bytes, store, store_path, word_map
 from dashboard.widgets import pick_run
+from schema import jobs
 
 DISPLAY_PX = 512
 
@@ -101,8 +104,39 @@ def body() -> None:
         )
         with st.expander("Final image"):
             st.image(image_bytes(root, run_id, None), width=min(DISPLAY_PX, run["width"] * 4))
+        depth_panel(run_id, run, alpha, cmap, size)
     with right:
         downloads(run_id, run, word, label, levels, alpha, cmap, size)
+
+
+def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int, int]) -> None:
+    """The optional depth companion: near/far structure of the final image, beside the attention."""
+    with st.expander("Depth companion (scene structure, not attention)"):
+        st.caption(
+            "A separate depth estimate of the final image, to compare what the model attended to with what is "
+            "near and far. It is not an attention map."
+        )
+        found = store().depth(run_id)
+        if found is not None:
+            depth, info = found
+            near_is_high = info["kind"] == "relative"
+            shown = depth if near_is_high else depth.max() - depth  # bright = near in both cases
+            base = decode(image_bytes(store_path(), run_id, None))
+            st.image(overlay(base, shown - shown.min(), alpha, cmap, size=size), width="stretch",
+                     caption=f"{info['model_id']} · {info['kind']} depth {info['min_value']:.3g} to "
+                     f"{info['max_value']:.3g} · bright = near")  # fmt: skip
+            return
+        entries = {m["name"]: m for m in depth_models()}
+        zoe = entries.get("zoedepth")
+        if zoe is None or not zoe["present"]:
+            st.info("No depth estimate for this run, and the depth model's weights are not on this machine: "
+                    + (zoe["where"] if zoe else "run `stepx models` to see where StepX looks."))  # fmt: skip
+            return
+        if st.button("Estimate depth (ZoeDepth)", key="depth_go"):
+            job_id = jobs.submit(Path(store_path()), {"kind": "depth", "run_id": run_id, "depth_model": "zoedepth",
+                                                      "prompt": f"depth of {run_id}"})  # fmt: skip
+            st.session_state.setdefault("my_jobs", []).append(job_id)
+            st.info("Queued: the worker will add the depth map to this run.")
 
 
 def downloads(run_id: str, run: dict, word: str | int, label: str, levels, alpha: float, cmap: str, size) -> None:

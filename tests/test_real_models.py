@@ -1,0 +1,99 @@
+"""Real-model readiness without downloads: SD 1.5, SD 2.1 base and SDXL block layouts (tiny widths)
+saved into a Hugging Face cache layout, loaded offline by name, traced, stored and read back; and
+the depth companion with a tiny random ZoeDepth."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.store import Store
+from dashboard.export import export_all
+from pipeline.depth import depth_for_run, load_depth_model, tiny_zoedepth
+from pipeline.generate import GenerationConfig, generate_trace, run_pipeline
+from pipeline.models import REGISTRY, load_model
+from pipeline.tiny import build_tiny_pipeline
+from pipeline.trace_writer import write_trace
+from schema import TABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "name, layout, px, levels",
+    [
+        ("sd15", "sd15", 256, ["32x32", "16x16", "8x8", "4x4"]),
+        ("sd21-base", "sd21", 256, ["32x32", "16x16", "8x8", "4x4"]),
+        ("sdxl", "sdxl", 256, ["16x16", "8x8"]),
+    ],
+)
+def test_cached_layout_loads_traces_and_stores(name, layout, px, levels, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / ("models--" + REGISTRY[name].repo_ids[0].replace("/", "--")) / "snapshots" / "abc123"
+    build_tiny_pipeline(layout, seed=1).save_pretrained(snap)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    model = load_model(name, device="cpu")
+    assert model.model_id.startswith(REGISTRY[name].repo_ids[0])
+    cfg = GenerationConfig("a red circle on the left", steps=2, guidance=5.0, width=px, height=px)
+    trace = generate_trace(model, cfg, check_sums=True)
+    assert np.array_equal(np.asarray(run_pipeline(model, cfg.resolved(model))), np.asarray(trace.final))
+    assert trace.max_sum_error < 1e-4
+    store_dir = tmp_path / "store"
+    written = write_trace(store_dir, trace)
+    store = Store(store_dir)
+    run = store.run(written.run_id)
+    assert run["levels"] == levels and run["model_name"] == name
+    for table, schema in TABLES.items():
+        path = written.path / f"{table}.parquet"
+        if table == "depth":
+            assert not path.exists()
+            continue
+        assert pq.ParquetFile(path).schema_arrow.names == schema.names
+    assert store.word_map(written.run_id, "circle", step=1).shape == (px // 8, px // 8)
+    assert store.self_attention(written.run_id).matrix.shape[0] == int(levels[0].split("x")[0]) ** 2
+
+
+def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    shutil.copytree(traced_store[0], root)
+    run_id = traced_store[1][0].run["run_id"]
+    store = Store(root)
+    assert store.depth(run_id) is None
+    folder = tmp_path / "zoe"
+    tiny_zoedepth().model.save_pretrained(folder)
+    depth = load_depth_model("zoedepth", folder)  # the real loading path, offline
+    depth_for_run(root, run_id, depth)
+    dmap, info = store.depth(run_id)
+    assert dmap.shape == (64, 64) and np.isfinite(dmap).all() and info["kind"] == "metric"
+    names = zipfile.ZipFile(io.BytesIO(export_all(store, run_id))).namelist()
+    assert {"depth/depth.png", "depth/depth.csv", "depth/info.json"} <= set(names)
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "inspect.py"), default_timeout=120)
+    at.query_params["run"] = run_id
+    at.run()
+    assert not at.exception
+    assert any("metric depth" in i.proto.imgs[0].caption for i in at.get("image"))
+    other = traced_store[1][1].run["run_id"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "inspect.py"), default_timeout=120)
+    at.query_params["run"] = other
+    at.run()
+    assert not at.exception
+    assert any("depth model's weights are not on this machine" in i.value for i in at.info)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "depth", other, "--store", str(root)], cwd=ROOT,
+                         capture_output=True, text=True, env={**__import__("os").environ})  # fmt: skip
+    assert res.returncode == 1 and "Intel/zoedepth-nyu-kitti not found" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "depth", other, "--store", str(root),
+                          "--depth-path", str(folder)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert Store(root).depth(other)[0].shape == (64, 64)
