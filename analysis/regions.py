@@ -15,7 +15,7 @@ from shapely.geometry import Polygon
 from skimage.draw import polygon2mask
 
 Grid = tuple[int, int]
-NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
 
 
 class RegionInputError(ValueError):
@@ -33,7 +33,7 @@ def parse_indices(text: str, grid: Grid) -> list[int]:
     for part in parts:
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)\s*(?:-\s*([0-9]+))?", part)
         if m is None:
             raise RegionInputError(f"'{part}' is not an index or range: {form}")
         lo = int(m.group(1))

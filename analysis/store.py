@@ -133,6 +133,7 @@ class Store:
         self._manifest: dict = {}
         self._files: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._cat: _Catalog | None = None
+        self._unreadable: dict[str, str] = {}
         self._cache_runs = cache_runs
 
     # -- index and views ------------------------------------------------------------------
@@ -165,11 +166,37 @@ class Store:
                 source = parquet_source(files) if files else empty_source(TABLES[table])
                 con.execute(view_sql(table, source))
             has_runs = bool(manifest.get("run_ids"))
+            self._unreadable = {}
             for table in ("cross_attention", "self_attention", "images"):
-                glob = str(runs_dir(self.root) / "*" / RUN_FILES[table])
-                con.execute(view_sql(table, parquet_source(glob) if has_runs else empty_source(TABLES[table])))
+                self._raw_view(con, table, has_runs)
             con.execute(view_sql("word_stats", WORD_STATS_SQL))
             self._con, self._manifest, self._manifest_key = con, manifest, key
+
+    def _raw_view(self, con: duckdb.DuckDBPyConnection, table: str, has_runs: bool) -> None:
+        """A view over every run's file of a table; unreadable files are left out and remembered."""
+        if not has_runs:
+            con.execute(view_sql(table, empty_source(TABLES[table])))
+            return
+        glob = str(runs_dir(self.root) / "*" / RUN_FILES[table])
+        try:
+            con.execute(view_sql(table, parquet_source(glob, by_name=False)))
+            return
+        except duckdb.Error:
+            pass  # some file is damaged: list the readable ones
+        readable = []
+        for path in sorted(runs_dir(self.root).glob(f"*/{RUN_FILES[table]}")):
+            try:
+                pq.ParquetFile(path)
+                readable.append(str(path))
+            except (OSError, pa.ArrowException) as exc:
+                self._unreadable[str(path.relative_to(self.root))] = str(exc)
+        source = parquet_source(readable, by_name=False) if readable else empty_source(TABLES[table])
+        con.execute(view_sql(table, source))
+
+    def unreadable_files(self) -> dict[str, str]:
+        """Run files left out of the raw SQL views because they could not be read."""
+        self._refresh()
+        return dict(self._unreadable)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A DuckDB cursor over the current views (one per call; cursors aren't thread-safe)."""

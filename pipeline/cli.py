@@ -45,8 +45,8 @@ def _positive_int(text: str) -> int:
 
 def _size(text: str) -> int:
     v = _positive_int(text)
-    if v % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {v}")
+    if v % 8 or v > 4096:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 up to 4096, got {v}")
     return v
 
 
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CliError("stepx generate: the prompt is empty; give a text prompt such as 'a red circle'", 2)
+    if args.model is not None and not args.model.strip():
+        raise CliError("stepx generate: --model is empty; see `stepx models` for the names", 2)
     from pipeline.generate import (
         GenerationConfig,
         GenerationError,
@@ -193,6 +195,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (GenerationError, ModelNotFoundError) as exc:
         raise CliError(f"stepx generate: {exc}", 2 if isinstance(exc, GenerationError) else 1) from None
     written = write_trace(store_root(args.store), trace)
+    if trace.run["prompt_truncated"]:
+        kept = sum(t.kind == "word" for t in trace.tokens)
+        print(f"stepx generate: note: the prompt was cut to its first {kept} tokens", file=sys.stderr)
     if depth is not None:
         from pipeline.depth import depth_for_run
 

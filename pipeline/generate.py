@@ -31,7 +31,7 @@ from schema import SCHEMA_VERSION
 
 STEPX_VERSION = "0.1.0"
 PREVIEW_MAX_PX = 256  # long side of stored step previews
-MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_CHARS = 10_000  # longer prompts are truncated by the tokenizer anyway
 
 
 class GenerationError(ValueError):

@@ -205,9 +205,14 @@ def load_model(
     tiny_seed: int = 0,
 ) -> LoadedModel:
     """Load a registered model (or a folder) offline; raise ModelNotFoundError when absent."""
+    import transformers
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from pipeline.tiny import build_tiny_pipeline
+
+    diffusers_logging.disable_progress_bar()  # loading bars would break one-line CLI output
+    transformers.utils.logging.disable_progress_bar()
 
     spec = get_spec(name or ("sd15" if model_path else default_model_name()))
     device = device or best_device()

@@ -138,7 +138,11 @@ DEPTH = pa.schema(
     [
         _f("run_id", pa.string(), "Run id.", False),
         _f("model_id", pa.string(), "Depth estimator the map came from (hub id or folder)."),
-        _f("kind", pa.string(), "'metric' (ZoeDepth: larger = farther) or 'relative' (DPT, Depth Anything: larger = nearer)."),
+        _f(
+            "kind",
+            pa.string(),
+            "'metric' (ZoeDepth: larger = farther) or 'relative' (DPT, Depth Anything: larger = nearer).",
+        ),
         _f("height", pa.int32(), "Map height (the image's)."),
         _f("width", pa.int32(), "Map width."),
         _f("map", pa.list_(pa.float16()), "Depth estimate per image pixel, row-major. Not an attention map."),

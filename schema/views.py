@@ -36,14 +36,19 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def parquet_source(paths: list[str] | str, columns: list[str] | None = None) -> str:
-    """A read_parquet(...) expression over a file list or glob, tolerant of newer minor columns."""
+def parquet_source(paths: list[str] | str, columns: list[str] | None = None, by_name: bool = True) -> str:
+    """A read_parquet(...) expression over a file list or glob.
+
+    by_name unifies columns across files (newer minor versions may add some) but reads every
+    file's footer when a query binds: right for a few index segments, too slow for a glob over
+    thousands of run files, whose columns are the first file's.
+    """
     if isinstance(paths, str):
         arg = sql_literal(paths)
     else:
         arg = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
     cols = ", ".join(columns) if columns else "*"
-    return f"SELECT {cols} FROM read_parquet({arg}, union_by_name = true)"
+    return f"SELECT {cols} FROM read_parquet({arg}{', union_by_name = true' if by_name else ''})"
 
 
 def view_sql(name: str, source: str) -> str:
