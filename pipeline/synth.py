@@ -62,7 +62,7 @@ def _blob(grid: tuple[int, int], centre: tuple[float, float], sigma: float) -> n
 def _self_matrix(rng: np.random.Generator, grid: tuple[int, int], sigma: float) -> np.ndarray:
     ys, xs = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
     d2 = (ys[:, None] - ys[None, :]) ** 2 + (xs[:, None] - xs[None, :]) ** 2
-    m = np.exp(-d2 / (2 * (sigma * grid[1]) ** 2)) + 0.02 * rng.random((len(ys), len(ys)))
+    m = np.exp(-d2 / (2 * (sigma * grid[1]) ** 2)) + 0.002 * rng.random((len(ys), len(ys)))
     return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
