@@ -60,6 +60,13 @@ def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, p
     )
     plain, traced = [], []
     run_pipeline(model, cfg)  # warm-up
+    _reset_peak()
+    run_pipeline(model, cfg)
+    plain_peak = _peak_rss_mb()
+    _reset_peak()
+    with attention_capture(pipe, AttentionRecorder(plan)):
+        run_pipeline(model, cfg)
+    traced_peak = _peak_rss_mb()
     for i in range(pairs):
         order = ["plain", "traced"] if i % 2 == 0 else ["traced", "plain"]
         for kind in order:
@@ -86,7 +93,24 @@ def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, p
         "traced_s_median": round(_median(traced), 4),
         "overhead_ratio": round(_median(traced) / _median(plain), 4),
         "target_ratio": 1.10,
+        "peak_rss_untraced_mb": round(plain_peak, 1),
+        "peak_rss_traced_mb": round(traced_peak, 1),
+        "capture_extra_peak_mb": round(traced_peak - plain_peak, 1),
     }
+
+
+def _reset_peak() -> None:
+    """Reset the process's peak resident memory (Linux: VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _sd15_random():
@@ -347,6 +371,44 @@ def queue_latency(jobs_n: int = 3) -> dict:
     return {"jobs": jobs_n, "submit_to_first_step_p50_s": round(_pct(latencies, 50), 3), "poll_s": 0.2}
 
 
+def index_rebuild(n_runs: int) -> dict:
+    """Time to rebuild the index of a synthetic store from its run folders, and the store's size."""
+    import subprocess
+
+    from pipeline.index import rebuild_index
+
+    store_dir = TMP / f"synth-{n_runs}"
+    report = rebuild_index(store_dir)
+    size = subprocess.run(["du", "-sb", str(store_dir)], capture_output=True, text=True).stdout.split()[0]
+    return {"runs": report.runs, "rebuild_s": round(report.seconds, 2), "store_bytes": int(size),
+            "store_gb": round(int(size) / 1e9, 2)}  # fmt: skip
+
+
+def region_page_timings(store_dir: Path, run_id: str, moves: int = 10) -> dict:
+    """Server-side rerun time of the Regions page for typed pixel and box queries (AppTest)."""
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["STEPX_STORE"] = str(store_dir)
+    at = AppTest.from_file(str(HERE.parent / "dashboard" / "views" / "regions.py"), default_timeout=120)
+    at.query_params["run"] = run_id
+    at.run()
+    at.radio(key="regions_mode").set_value("Type").run()
+    times = []
+    for i in range(moves):
+        t0 = time.perf_counter()
+        at.text_input(key="regions_px").input(str(i * 13)).run()
+        times.append((time.perf_counter() - t0) * 1000)
+    at.radio(key="regions_tool").set_value("BBox heatmap").run()
+    for i in range(moves):
+        t0 = time.perf_counter()
+        at.text_input(key="regions_box_text").input(f"{i},{i},{20 + i},{30 + i}").run()
+        times.append((time.perf_counter() - t0) * 1000)
+    assert not at.exception, at.exception
+    return {"region_rerun_p50_ms": round(_pct(times, 50), 1), "region_rerun_p95_ms": round(_pct(times, 95), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="skip the SD 1.5-architecture timing")
@@ -381,10 +443,18 @@ def main() -> None:
     results["dashboard"] = dashboard_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
     results["regions"] = region_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"])
     results["projected_sd15_trace"] = projected_sd15_bytes()
-    results["word_map_lookup"] = lookup_latency(1000)
+    results["word_map_lookup"] = [lookup_latency(1000)]
     results["sql_aggregate"] = [sql_aggregate(1000)]
+    if (TMP / "synth-10000" / ".complete").exists():
+        results["word_map_lookup"].append(lookup_latency(10000))
+        results["sql_aggregate"].append(sql_aggregate(10000))
+        results["index_rebuild"] = index_rebuild(10000)
+    results["dashboard"].update(region_page_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"]))
     results["queue"] = queue_latency()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    from bench.report import write_readme
+
+    write_readme(results, HERE / "README.md")
     print(json.dumps(results, indent=2))
 
 

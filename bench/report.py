@@ -1,0 +1,83 @@
+"""bench/README.md from bench/results.json: one table, each figure beside its target."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _row(what: str, value: str, target: str = "", met: bool | None = None) -> str:
+    mark = "" if met is None else ("met" if met else "**missed**")
+    return f"| {what} | {value} | {target} | {mark} |"
+
+
+def write_readme(r: dict, path: Path) -> None:
+    """Render the results as a Markdown table with machine, versions and date."""
+    lines = [
+        "# StepX benchmarks",
+        "",
+        f"Measured {r['date']} by `make bench` on {r['machine']['platform']} ({r['machine']['cpus']} CPUs, "
+        f"torch threads {r['machine']['torch_threads']}); torch {r['versions']['torch']}, diffusers "
+        f"{r['versions']['diffusers']}, Python {r['versions']['python']}. Ratios are traced / untraced calls "
+        "interleaved in one run (medians). Raw figures: `results.json`.",
+        "",
+        "| what | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    for c in r["capture_overhead"]:
+        lines.append(_row(
+            f"capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps (levels {', '.join(c['levels'])})",
+            f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
+            f"<= {c['target_ratio']:.2f}x", c["overhead_ratio"] <= c["target_ratio"],
+        ))  # fmt: skip
+        if "capture_extra_peak_mb" in c:
+            lines.append(_row(f"peak extra memory of capture, {c['model']}", f"{c['capture_extra_peak_mb']:.1f} MB"))
+    t = r["trace_bytes"]
+    lines.append(_row(f"trace bytes per run, {t['model']} ({t['steps']} steps, {t['size_px']} px)",
+                      f"{t['bytes'] / 1e6:.2f} MB"))  # fmt: skip
+    p = r["projected_sd15_trace"]
+    lines.append(_row("trace size, SD 1.5 geometry (512 px, 50 steps, 12 tokens)", f"{p['mb']:.2f} MB",
+                      f"<= {p['target_mb']} MB", p["mb"] <= p["target_mb"]))  # fmt: skip
+    for lk in r["word_map_lookup"]:
+        lines.append(_row(f"word-map lookup, {lk['runs']:,} runs (p50 / p95)",
+                          f"{lk['p50_ms']} / {lk['p95_ms']} ms",
+                          f"p50 <= {lk['target_p50_ms']} ms", lk["p50_ms"] <= lk["target_p50_ms"]))  # fmt: skip
+    for q in r["sql_aggregate"]:
+        what = f"SQL aggregate over word_step_stats, {q['runs']:,} runs ({q['word_step_stats_rows']:,} rows)"
+        lines.append(_row(what,
+                          f"{q['warm_p50_ms']} ms (first query {q['cold_ms']} ms)", f"<= {q['target_ms']} ms",
+                          q["warm_p50_ms"] <= q["target_ms"]))  # fmt: skip
+    if "index_rebuild" in r:
+        ir = r["index_rebuild"]
+        lines.append(_row(f"index rebuild, {ir['runs']:,} runs", f"{ir['rebuild_s']} s"))
+        lines.append(_row(f"store size, {ir['runs']:,} synthetic runs", f"{ir['store_gb']} GB"))
+    d = r["dashboard"]
+    lines.append(_row("step slider rerun (server side, p50 / p95)",
+                      f"{d['slider_rerun_p50_ms']} / {d['slider_rerun_p95_ms']} ms",
+                      f"<= {d['target_slider_ms']} ms", d["slider_rerun_p50_ms"] <= d["target_slider_ms"]))  # fmt: skip
+    if "region_rerun_p50_ms" in d:
+        lines.append(_row("region tool rerun (server side, p50 / p95)",
+                          f"{d['region_rerun_p50_ms']} / {d['region_rerun_p95_ms']} ms"))  # fmt: skip
+    lines.append(
+        _row(f"Export All, {d['run_steps']}-step run", f"{d['export_all_s']} s ({d['export_all_bytes'] / 1e6:.1f} MB)")
+    )
+    g = r["regions"]
+    lines.append(_row("region query (read + rows mean, cold)", f"{g['region_query_cold_p50_ms']} ms",
+                      f"<= {g['target_region_ms']} ms", g["region_query_cold_p50_ms"] <= g["target_region_ms"]))  # fmt: skip
+    lines.append(_row("diffused heatmap, 20 iterations, 1024x1024", f"{g['diffuse_20_iter_1024_p50_ms']} ms",
+                      f"<= {g['target_diffuse_ms']} ms", g["diffuse_20_iter_1024_p50_ms"] <= g["target_diffuse_ms"]))  # fmt: skip
+    if "queue" in r:
+        lines.append(
+            _row("queue: submit to first step (worker waiting)", f"{r['queue']['submit_to_first_step_p50_s']} s")
+        )
+    notes = r.get("notes", [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent
+    write_readme(json.loads((here / "results.json").read_text()), here / "README.md")
+    sys.exit(0)
