@@ -225,7 +225,8 @@ def load_model(
         path = locate(spec, model_path)
         if path is None:
             raise ModelNotFoundError(missing_message(spec, model_path))
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if spec.kind == "sd" else {}
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         model_id = _model_id(spec, path)
         fingerprint = folder_fingerprint(path)
     pipe.set_progress_bar_config(disable=True)
