@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export TRANSFORMERS_VERBOSITY ?= error
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench lint model clean-store
+.PHONY: setup demo test test-fast bench lint model
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Train (or resume training) the embedded model, export it and its reference image.
+model: setup
+	$(BIN)/stepx train-shapes --resume
+	$(BIN)/python -m pipeline.reference
 
 PORT ?= 8501
 

@@ -398,8 +398,19 @@ COMMANDS = {
 }
 
 
+def train_shapes(argv: list[str]) -> int:
+    """`stepx train-shapes ...`: the embedded model's training script, with its own options."""
+    from pipeline.train_shapes import main as train_main
+
+    train_main(argv)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `stepx` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-shapes"]:
+        return train_shapes(argv[1:])
     from analysis.store import StoreError
     from schema import SchemaVersionError
 
