@@ -132,6 +132,8 @@ class AttentionRecorder:
     _self_agg: torch.Tensor | None = None
     _self_agg_steps: int = 0
     _sum_err: torch.Tensor | None = None
+    _keep: torch.Tensor | None = None  # keep_tokens as an index on the device
+    _grids: dict[int, Grid] = field(default_factory=dict)  # query count -> grid
 
     # -- called by the UNet hooks -------------------------------------------------------
     def begin_step(self, timestep: float) -> None:
@@ -199,12 +201,16 @@ class AttentionRecorder:
         if mask is not None:
             scores = scores + mask[cond].float()
         probs = scores.softmax(dim=-1).mean(dim=0)  # (queries, keys), heads averaged
-        grid = grid_of(probs.shape[0], self.plan.latent)
+        grid = self._grids.get(probs.shape[0])
+        if grid is None:
+            grid = self._grids[probs.shape[0]] = grid_of(probs.shape[0], self.plan.latent)
         if kind == "cross":
             if self.plan.check_sums:
                 err = (probs.sum(dim=-1) - 1).abs().max()
                 self._sum_err = err if self._sum_err is None else torch.maximum(self._sum_err, err)
-            kept = probs[:, list(self.plan.keep_tokens)].T  # (tokens, queries)
+            if self._keep is None or self._keep.device != probs.device:
+                self._keep = torch.tensor(self.plan.keep_tokens, device=probs.device)
+            kept = probs.index_select(1, self._keep).T  # (tokens, queries)
             if grid in self._cross:
                 self._cross[grid] += kept
                 self._cross_n[grid] += 1
