@@ -32,7 +32,7 @@ from schema import (
     check_version,
     file_metadata,
 )
-from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, tmp_dir
+from schema.layout import MANIFEST, index_dir, pid_alive, run_dir, runs_dir, tmp_dir
 
 MERGE_FANOUT = 8  # segments of one tier merged together: O(log n) files for n batches
 RETIRE_GRACE_S = 300  # old segments stay this long for readers holding an older manifest
@@ -235,18 +235,8 @@ def clean_tmp(root: Path, older_than_s: float = 3600) -> int:
     removed = 0
     for p in d.iterdir():
         pid = p.name.rsplit(".", 1)[-1]
-        alive = pid.isdigit() and _pid_alive(int(pid))
+        alive = pid.isdigit() and pid_alive(int(pid))
         if not alive or time.time() - p.stat().st_mtime > older_than_s:
             shutil.rmtree(p, ignore_errors=True)
             removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from schema.layout import pid_alive
+
 MAX_ATTEMPTS = 2  # a job whose worker dies is retried once
 HEARTBEAT_STALE_S = 120.0
 
@@ -117,18 +119,6 @@ def recent(store: Path, limit: int = 20) -> list[Job]:
     return [_job(r) for r in rows]
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(store: Path) -> list[int]:
     """Requeue (or fail, after MAX_ATTEMPTS) running jobs whose worker is gone; returns their ids."""
     now = time.time()
@@ -138,7 +128,7 @@ def recover(store: Path) -> list[int]:
         rows = con.execute("SELECT job_id, worker_pid, heartbeat_at, attempts FROM jobs WHERE status = 'running'")
         for job_id, pid, beat, attempts in rows.fetchall():
             stale = beat is None or now - beat > HEARTBEAT_STALE_S
-            if pid == os.getpid() or (_alive(pid) and not stale):
+            if pid == os.getpid() or (pid_alive(pid) and not stale):
                 continue
             if attempts >= MAX_ATTEMPTS:
                 con.execute(
@@ -207,6 +197,6 @@ def live_worker(store: Path) -> dict | None:
     with connect(store) as con:
         rows = con.execute("SELECT pid, heartbeat_at, device FROM workers ORDER BY heartbeat_at DESC").fetchall()
     for pid, beat, device in rows:
-        if _alive(pid) and time.time() - beat < HEARTBEAT_STALE_S:
+        if pid_alive(pid) and time.time() - beat < HEARTBEAT_STALE_S:
             return {"pid": pid, "heartbeat_at": beat, "device": device}
     return None

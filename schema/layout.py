@@ -37,3 +37,16 @@ def index_dir(root: Path) -> Path:
 
 def run_dir(root: Path, run_id: str) -> Path:
     return root / "runs" / run_id
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this id exists (writers and workers record theirs)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
