@@ -22,7 +22,7 @@ from skimage.filters import threshold_otsu
 
 from analysis.detection import detect, guided_map, mask_iou
 from analysis.heatmaps import daam_threshold, upsample
-from analysis.scene_check import check_objects
+from pipeline.scene_check import check_objects
 from analysis.store import Store
 from pipeline.scenes import COLOURS, POSITIONS, SHAPES, Scene, heldout_suite, parse_caption
 
