@@ -300,11 +300,15 @@ class CaptureAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def _alpha_bar(scheduler: object, timestep: float) -> float:
-    """Cumulative signal fraction at a (possibly fractional) timestep, interpolated in log-sigma."""
+def log_sigmas(scheduler: object) -> np.ndarray:
+    """log sigma of every training timestep, sigma^2 = (1 - alpha_bar) / alpha_bar."""
     acp = scheduler.alphas_cumprod.double().numpy()  # (train_timesteps,)
-    log_sigma = 0.5 * np.log((1 - acp) / acp)
-    ls = float(np.interp(timestep, np.arange(len(acp)), log_sigma))
+    return 0.5 * np.log((1 - acp) / acp)
+
+
+def _alpha_bar(table: np.ndarray, timestep: float) -> float:
+    """Cumulative signal fraction at a (possibly fractional) timestep, interpolated in log-sigma."""
+    ls = float(np.interp(timestep, np.arange(len(table)), table))
     return float(1.0 / (1.0 + math.exp(2 * ls)))
 
 
@@ -323,6 +327,7 @@ def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[Att
     originals: dict[str, object] = {}
     hooks = []
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    sigma_table = log_sigmas(pipe.scheduler)
 
     def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         recorder.begin_step(_timestep_arg(args, kwargs))
@@ -335,7 +340,7 @@ def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[Att
                 uncond, cond = out.chunk(2)
                 out = uncond + plan.guidance * (cond - uncond)
                 sample = sample.chunk(2)[1]
-            ab = _alpha_bar(pipe.scheduler, _timestep_arg(args, kwargs))
+            ab = _alpha_bar(sigma_table, _timestep_arg(args, kwargs))
             if prediction == "v_prediction":
                 x0 = math.sqrt(ab) * sample - math.sqrt(1 - ab) * out
             elif prediction == "sample":
