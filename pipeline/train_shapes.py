@@ -88,9 +88,11 @@ class Config:
     offset_noise: float = 0.1
     cond_drop: float = 0.1
     ground_weight: float = 0.1
-    ground_bg_weight: float = 1.0
+    ground_bg_weight: float = 0.0
+    ground_bg_stop: int = -1  # step from which the background term is off (-1: never)
     ground_pixel_weight: float = 1.0
     ground_own_weight: float = 1.0
+    ground_own_start: int = 0  # step from which the ownership term is on
     curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
     # bookkeeping
@@ -435,7 +437,12 @@ def build_data(
 
 
 def grounding_loss(
-    maps: list[torch.Tensor], owner: torch.Tensor, masks16: torch.Tensor, keep: torch.Tensor, cfg: Config
+    maps: list[torch.Tensor],
+    owner: torch.Tensor,
+    masks16: torch.Tensor,
+    keep: torch.Tensor,
+    cfg: Config,
+    step: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """TokenCompose-style token + pixel losses plus background and ownership terms, layer mean.
 
@@ -443,10 +450,16 @@ def grounding_loss(
     gives to object words, the share going to object k's own words should be 1. It breaks the
     symmetric solution in which every object word attends to every object alike.
 
+    The background term (attention that pixels outside every object give to object words)
+    is off by default: at high noise no pixel can tell whether it lies inside an object, so it
+    taught the model to ignore object words there, and the layout could not follow the text.
+
     maps: per cross-attention layer (B, HW, T) head-averaged probabilities; owner (B, T) object
     index per token (-1 none); masks16 (B, K, 16, 16) area fractions; keep (B,) bool, samples
-    whose caption was not dropped.
+    whose caption was not dropped; step: the training step (for the term schedules).
     """
+    bg_weight = cfg.ground_bg_weight if cfg.ground_bg_stop < 0 or step < cfg.ground_bg_stop else 0.0
+    own_weight = cfg.ground_own_weight if step >= cfg.ground_own_start else 0.0
     k = masks16.shape[1]
     sel = (owner.unsqueeze(1) == torch.arange(k).view(1, k, 1)).float() * keep.view(-1, 1, 1)
     tok_any = sel.sum(1)  # (B, T) 1 where the token names an object
@@ -475,12 +488,7 @@ def grounding_loss(
         total_own = total_own - (inside_w * torch.log(share + 1e-4)).sum() / inside_w.sum().clamp(min=1.0)
         mass += float((frac.detach() * tok_any).sum() / n_tok)
     n = len(maps)
-    loss = (
-        total_tok
-        + cfg.ground_pixel_weight * total_pix
-        + cfg.ground_bg_weight * total_bg
-        + cfg.ground_own_weight * total_own
-    ) / n
+    loss = (total_tok + cfg.ground_pixel_weight * total_pix + bg_weight * total_bg + own_weight * total_own) / n
     stats = {
         "g_tok": float(total_tok.detach()) / n,
         "g_pix": float(total_pix.detach()) / n,
@@ -671,7 +679,7 @@ class Trainer:
         self.store.active = False
         mse = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         denoise = (mse * weight).mean()
-        ground, stats = grounding_loss([m.float() for m in self.store.maps], owner, masks, keep, cfg)
+        ground, stats = grounding_loss([m.float() for m in self.store.maps], owner, masks, keep, cfg, st.step)
         self.store.clear()
         loss = denoise + cfg.ground_weight * ground
         self.opt.zero_grad(set_to_none=True)
@@ -1018,6 +1026,31 @@ def write_card(
     history = "\n".join(
         f"| {e['step']} | {e['objects_correct']:.3f} | {e['miou_daam']:.3f} | {e['miou_otsu']:.3f} |" for e in st.evals
     )
+    own_text = (
+        "an ownership loss (per pixel inside object k, cross-entropy of the share of its object-word"
+        " attention that goes to object k's words) "
+        + (
+            f"from step {cfg.ground_own_start}, added once the other terms alone had settled on every"
+            " object word attending to every object alike"
+            if cfg.ground_own_start > 0
+            else "from the start, so object words do not all attend to every object alike"
+        )
+    )
+    if cfg.ground_bg_weight > 0 and cfg.ground_bg_stop != 0:
+        until = f"until step {cfg.ground_bg_stop}" if cfg.ground_bg_stop > 0 else "throughout"
+        bg_text = f"a background loss (attention that pixels outside all objects give to object words) {until}" + (
+            "; it was then dropped because at high noise no pixel can tell whether it is inside an"
+            " object, so it taught the model to ignore object words there (1% of attention at"
+            " t=999) and the layout could not follow the position words"
+            if cfg.ground_bg_stop > 0
+            else ""
+        )
+    else:
+        bg_text = (
+            "no background term: at high noise no pixel can tell whether it is inside an object, so"
+            " such a term teaches the model to ignore object words there and layout stops following"
+            " the text"
+        )
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -1071,24 +1104,20 @@ them, with ground-truth masks from the renderer.
   Curriculum: one-object scenes for {cfg.curriculum[0]} steps, up to two until step
   {cfg.curriculum[1]}, then up to three.
 - Attention grounding (after TokenCompose, Wang et al., CVPR 2024, which supervises each object
-  token's cross-attention with its segmentation mask): every cross-attention layer's
-  head-averaged map of each object word (size, colour, shape, position) gets a token loss
-  (1 - attention mass inside the object's mask), a pixel loss (BCE of the max-normalised map
-  against the mask), a background loss (attention that pixels outside all objects give to
-  object words) and an ownership loss (per pixel inside object k, cross-entropy of the share of
-  its object-word attention that goes to object k's words; added at step 1066 of the first run,
-  after the first three terms alone settled on every object word attending to every object
-  alike), weighted {cfg.ground_weight} against the denoising loss. Plain denoising alone
-  did not learn layout or localised word maps within an affordable CPU budget (probe: word maps
-  at the uniform baseline after ~5k steps), because a causal text encoder cannot put position
-  into colour and shape tokens and most attention went to padding.
+  token's cross-attention with its segmentation mask), weighted {cfg.ground_weight} against the
+  denoising loss: every cross-attention layer's head-averaged map of each object word (size,
+  colour, shape, position) gets a token loss (1 - attention mass inside the object's mask) and a
+  pixel loss (BCE of the max-normalised map against the mask); {own_text}; {bg_text}.
+  Plain denoising alone did not learn layout or localised word maps within an affordable CPU
+  budget (probe: word maps at the uniform baseline after ~5k steps), because a causal text
+  encoder cannot put position into colour and shape tokens and most attention went to padding.
 
 ## Training
 
 {st.step} steps, {st.train_seconds / 3600:.2f} h of training on {cpu_name()}
-CPU ({torch.get_num_threads()} threads, no GPU), torch {torch.__version__}. Reproducible from
-seed {cfg.seed}: batches and noise are drawn from (seed, step), so resumed runs follow the same
-sequence.
+CPU ({os.cpu_count()} cores shared with other work, 1 or 2 torch threads picked by timing, no
+GPU), torch {torch.__version__}. Reproducible from seed {cfg.seed}: batches and noise are drawn
+from (seed, step), so resumed runs follow the same sequence.
 
 ## Scores (held-out suite, 48 prompts, EMA weights, 20 DPM-Solver++ steps)
 
