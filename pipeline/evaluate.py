@@ -22,8 +22,8 @@ from skimage.filters import threshold_otsu
 
 from analysis.detection import detect, guided_map, mask_iou
 from analysis.heatmaps import daam_threshold, upsample
-from pipeline.scene_check import check_objects
 from analysis.store import Store
+from pipeline.scene_check import check_objects
 from pipeline.scenes import COLOURS, POSITIONS, SHAPES, Scene, heldout_suite, parse_caption
 
 WORD_CLASSES = {"shape noun": set(SHAPES), "colour adjective": set(COLOURS), "position word": set(POSITIONS)}
