@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.heatmaps import aggregate_levels
-from schema import RUN_FILES, SCHEMA_VERSION, TABLES, SchemaVersionError, check_version
+from schema import RUN_FILES, TABLES, SchemaVersionError, check_version
 from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, store_root
 from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
 
@@ -207,9 +206,6 @@ class Store:
         """Runs the index could not read, by id, with the reason."""
         self._refresh()
         return dict(self._manifest.get("bad_runs", {}))
-
-    def schema_version(self) -> str:
-        return SCHEMA_VERSION
 
     # -- runs and tokens ------------------------------------------------------------------
     def runs(
@@ -461,7 +457,3 @@ class Store:
         from analysis.sql import run_readonly
 
         return run_readonly(self.cursor(), query, max_rows, timeout_s)
-
-
-def elapsed_ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000

@@ -99,10 +99,9 @@ def score_run(store: Store, run_id: str, scene: Scene) -> dict:
     image = np.asarray(_decode(store.image(run_id)[0]))
     out: dict = {"words": [], "objects": [], "detection": []}
     # align the caption's words with the stored words (CLIP splits exactly at the caption's spaces)
-    stored = list(words)
     caption_words = scene.words
-    aligned = len(stored) == len(caption_words) and all(
-        w.word.lower() == cw.lower() for w, (cw, _) in zip(stored, caption_words, strict=True)
+    aligned = len(words) == len(caption_words) and all(
+        w.word.lower() == cw.lower() for w, (cw, _) in zip(words, caption_words, strict=True)
     )
     for obj_index, obj in enumerate(scene.objects):
         truth = obj.mask.astype(bool)
@@ -112,8 +111,9 @@ def score_run(store: Store, run_id: str, scene: Scene) -> dict:
             cls = next((c for c, vocab in WORD_CLASSES.items() if text in vocab), None)
             if cls is None:
                 continue
-            key = stored[pos].word_index if aligned else text
-            heat = upsample(store.word_map(run_id, key), size[1], size[0])
+            key = words[pos].word_index if aligned else text
+            daam_heat = store.word_map(run_id, key)  # latent grid
+            heat = upsample(daam_heat, size[1], size[0])
             out["words"].append(
                 {
                     "class": cls,
@@ -123,7 +123,6 @@ def score_run(store: Store, run_id: str, scene: Scene) -> dict:
                 }
             )
             if cls == "shape noun":
-                daam_heat = store.word_map(run_id, key)
                 for method, h in (
                     ("DAAM alone", daam_heat),
                     ("DAAM + self-attention", guided_map(daam_heat, sa.matrix, sa.grid)),
