@@ -22,6 +22,7 @@ from pipeline.trace import StepRecord
 
 SELF_GRID_MAX_AREA = 1536  # 32x32 for square 512 px SD 1.5, 32x48 for 512x768.
 STEP_GRID_MAX_AREA = 384  # 16x16 per step for square SD 1.5, 16x24 for 512x768.
+PENDING_BYTES = 64 * 2**20  # queued layers are softmaxed once their scores would exceed this
 
 Grid = tuple[int, int]
 
@@ -134,6 +135,8 @@ class AttentionRecorder:
     _sum_err: torch.Tensor | None = None
     _keep: torch.Tensor | None = None  # keep_tokens as an index on the device
     _grids: dict[int, Grid] = field(default_factory=dict)  # query count -> grid
+    _pending: dict[tuple, list[tuple]] = field(default_factory=dict)  # layer group -> queued (q, k, mask)
+    _pending_bytes: int = 0
 
     # -- called by the UNet hooks -------------------------------------------------------
     def begin_step(self, timestep: float) -> None:
@@ -144,6 +147,7 @@ class AttentionRecorder:
 
     def flush(self) -> None:
         """Average this step's layers and copy everything to the host in one transfer."""
+        self._drain()
         if self._step < 0 or (not self._cross and self._self_step is None):
             return
         parts: list[torch.Tensor] = []
@@ -193,43 +197,70 @@ class AttentionRecorder:
     def observe(
         self, kind: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float
     ) -> None:
-        """Record softmax(QK^T*scale) of the conditional image; query/key are (batch, heads, L, d)."""
+        """Queue the conditional image's query/key of one layer; query/key are (batch, heads, L, d).
+
+        Layers of the same kind and grid are softmaxed together in one batched call when the step
+        closes (or when the queue reaches `PENDING_BYTES`): a small model has many small layers,
+        and per-call dispatch, not arithmetic, is most of what capture would otherwise cost.
+        """
         cond = query.shape[0] // 2 if self.plan.cfg else 0
-        q = query[cond].float() * scale  # (heads, queries, d)
-        k = key[cond].float()  # (heads, keys, d)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (heads, queries, keys)
-        if mask is not None:
-            scores = scores + mask[cond].float()
-        probs = scores.softmax(dim=-1).mean(dim=0)  # (queries, keys), heads averaged
-        grid = self._grids.get(probs.shape[0])
-        if grid is None:
-            grid = self._grids[probs.shape[0]] = grid_of(probs.shape[0], self.plan.latent)
-        if kind == "cross":
-            if self.plan.check_sums:
+        q, k = query[cond], key[cond]
+        m = None if mask is None else mask[cond]
+        group = (kind, q.shape, k.shape, scale, m is not None)
+        queue = self._pending.setdefault(group, [])
+        queue.append((q, k, m))
+        self._pending_bytes += 4 * q.shape[0] * q.shape[1] * k.shape[1]  # its float32 scores
+        if self._pending_bytes > PENDING_BYTES:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Softmax every queued layer group in batched calls and add the head means to the step sums."""
+        for (kind, q_shape, _k_shape, scale, masked), queue in self._pending.items():
+            heads, queries = q_shape[0], q_shape[1]
+            qs = torch.cat([q for q, _, _ in queue]).float()  # (layers*heads, queries, d)
+            ks = torch.cat([k for _, k, _ in queue]).float()
+            if masked:
+                bias = torch.cat([m.expand(heads, queries, -1) for _, _, m in queue]).float()
+                scores = torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=scale)
+            else:
+                scores = torch.bmm(qs, ks.transpose(-1, -2)).mul_(scale)
+            probs = scores.softmax(dim=-1)  # (layers*heads, queries, keys)
+            if kind == "cross" and self.plan.check_sums:
                 err = (probs.sum(dim=-1) - 1).abs().max()
                 self._sum_err = err if self._sum_err is None else torch.maximum(self._sum_err, err)
-            if self._keep is None or self._keep.device != probs.device:
-                self._keep = torch.tensor(self.plan.keep_tokens, device=probs.device)
-            kept = probs.index_select(1, self._keep).T  # (tokens, queries)
+            summed = probs.sum(dim=0).div_(heads)  # sum over layers of the head means
+            self._add(kind, summed, len(queue))
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _add(self, kind: str, summed: torch.Tensor, layers: int) -> None:
+        """Add `layers` layers' head-mean probabilities (already summed) to this step's sums."""
+        grid = self._grids.get(summed.shape[0])
+        if grid is None:
+            grid = self._grids[summed.shape[0]] = grid_of(summed.shape[0], self.plan.latent)
+        if kind == "cross":
+            if self._keep is None or self._keep.device != summed.device:
+                self._keep = torch.tensor(self.plan.keep_tokens, device=summed.device)
+            kept = summed.index_select(1, self._keep).T  # (tokens, queries)
             if grid in self._cross:
                 self._cross[grid] += kept
-                self._cross_n[grid] += 1
+                self._cross_n[grid] += layers
             else:
-                self._cross[grid] = kept.clone()
-                self._cross_n[grid] = 1
+                self._cross[grid] = kept.contiguous()
+                self._cross_n[grid] = layers
             return
         if grid == self.plan.self_grid and self.plan.self_grid != self.plan.step_grid:
             if self._self_layer is None:
-                self._self_layer = probs.clone()
+                self._self_layer = summed.clone()
             else:
-                self._self_layer += probs
-            self._self_layer_n += 1
-        pooled = pool_attention(probs, grid, self.plan.step_grid)
+                self._self_layer += summed
+            self._self_layer_n += layers
+        pooled = pool_attention(summed, grid, self.plan.step_grid)
         if self._self_step is None:
-            self._self_step = pooled.clone()
+            self._self_step = pooled.clone() if pooled is summed else pooled
         else:
             self._self_step += pooled
-        self._self_step_n += 1
+        self._self_step_n += layers
 
 
 class CaptureAttnProcessor:

@@ -74,7 +74,12 @@ class Config:
     text_heads: int = 4
     text_ff: int = 512
     # UNet
-    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
+    # Cross-attention where the layout is decided (8, 4 px latent levels) and where the maps are
+    # sharpest (the 16 x 16 up level); the 2 x 2 bottom sees the whole scene through convolutions.
+    unet_down: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    unet_mid: str = "UNetMidBlock2D"
     unet_heads: int = 4
     norm_groups: int = 8
     # denoiser training
@@ -93,7 +98,7 @@ class Config:
     ground_pixel_weight: float = 1.0
     ground_own_weight: float = 1.0
     ground_own_start: int = 0  # step from which the ownership term is on
-    curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
+    curriculum: tuple[int, int] = (1500, 3000)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
     # bookkeeping
     ckpt_minutes: float = 5.0
@@ -150,14 +155,15 @@ def make_text_encoder(cfg: Config) -> CLIPTextModel:
 
 
 def make_unet(cfg: Config) -> UNet2DConditionModel:
-    """SD-style UNet with cross-attention at the 16 x 16, 8 x 8 and 4 x 4 (mid) levels."""
+    """SD-style UNet; which levels carry cross-attention is part of the recipe (`Config.unet_down`...)."""
     latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=latent,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=cfg.unet_down,
+        up_block_types=cfg.unet_up,
+        mid_block_type=cfg.unet_mid,
         block_out_channels=cfg.unet_channels,
         layers_per_block=1,
         cross_attention_dim=cfg.text_hidden,

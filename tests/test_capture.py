@@ -169,3 +169,67 @@ def test_sdxl_layout_two_text_encoders_bit_identical():
     assert trace.levels == [(16, 16), (8, 8)]
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"] == ["a", "cat", "on", "a", "mat"]
+
+
+class _ReferenceProcessor:
+    """diffusers' classic attention path; records each layer's conditional-half probabilities."""
+
+    def __init__(self, name: str, sink: dict) -> None:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.inner, self.name, self.sink = AttnProcessor(), name, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(source))
+        probs = attn.get_attention_scores(q, k, None)  # (batch*heads, queries, keys)
+        cond = probs.reshape(-1, attn.heads, *probs.shape[1:])[-1].mean(dim=0)
+        self.sink.setdefault(self.name, []).append(cond.detach().clone())
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+@pytest.mark.parametrize("budget", [None, 1], ids=["one-drain-per-step", "drain-every-layer"])
+def test_captured_maps_equal_reference_attention(tiny_model, monkeypatch, budget):
+    """Per step and level: mean over layers of the head-mean probabilities, as diffusers computes them."""
+    from pipeline import capture
+
+    if budget is not None:
+        monkeypatch.setattr(capture, "PENDING_BYTES", budget)
+    pipe = tiny_model.pipe
+    latent = (32, 32)
+    plan = _plan(pipe, latent)
+    rec = AttentionRecorder(plan)
+    with attention_capture(pipe, rec):
+        _latents(pipe, steps=2)
+    sink: dict = {}
+    originals = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({key: _ReferenceProcessor(key, sink) for key in originals})
+    try:
+        _latents(pipe, steps=2)
+    finally:
+        pipe.unet.set_attn_processor(originals)
+    n_down = len(pipe.unet.config.down_block_types)
+    for step, record in enumerate(rec.steps):
+        cross: dict = {}
+        selfs = []
+        for key, maps in sink.items():
+            name = key.removesuffix(".processor")
+            grid = capture.halve(latent, capture.block_depth(name, n_down))
+            if name.endswith("attn2"):
+                cross.setdefault(grid, []).append(maps[step][:, list(plan.keep_tokens)].T)
+            elif grid in (plan.self_grid, plan.step_grid):
+                selfs.append(pool_attention(maps[step], grid, plan.step_grid))
+        assert set(cross) == set(record.cross)
+        for grid, layers in cross.items():
+            expected = torch.stack(layers).mean(dim=0).reshape(-1, *grid).numpy()
+            assert record.cross_layers[grid] == len(layers)
+            np.testing.assert_allclose(record.cross[grid], expected, atol=1e-5)
+        np.testing.assert_allclose(record.self_step, torch.stack(selfs).mean(dim=0).numpy(), atol=1e-5)
+    at_self_grid = [
+        torch.stack(maps).mean(dim=0)
+        for key, maps in sink.items()
+        if key.endswith("attn1.processor")
+        and capture.halve(latent, capture.block_depth(key.removesuffix(".processor"), n_down)) == plan.self_grid
+    ]
+    np.testing.assert_allclose(rec.self_aggregate(), torch.stack(at_self_grid).mean(dim=0).numpy(), atol=1e-5)
