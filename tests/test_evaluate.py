@@ -1,0 +1,41 @@
+"""`stepx eval` end to end on the committed embedded model: held-out scenes through the real
+capture, writer and store, scored against drawn and laid-out masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.store import Store
+from pipeline.cli import main
+from pipeline.evaluate import WORD_CLASSES
+from pipeline.models import EMBEDDED_DIR
+from pipeline.scenes import heldout_suite
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").is_file(), reason="no embedded model")
+
+
+def test_stepx_eval_scores_every_owned_word_and_object(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--store", str(tmp_path / "store"), "--n", "3", "--steps", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    suite = heldout_suite(3)
+    assert report["objects"]["n"] == sum(len(s.objects) for s in suite) == 6
+    owned = {
+        cls: sum(1 for s in suite for word, owner in s.words if owner >= 0 and word in vocab)
+        for cls, vocab in WORD_CLASSES.items()
+    }
+    assert owned == {"shape noun": 6, "colour adjective": 6, "position word": 6}
+    for cls, n in owned.items():
+        row = report["word_iou"][cls]
+        assert row["n"] == n
+        for key, value in row.items():
+            assert 0.0 <= value <= (n if key == "n" else 1.0)
+        assert 0 < row["layout_uniform"] < 0.2  # objects cover a few percent of the image
+        assert row["drawn_best"] == max(row["drawn_daam"], row["drawn_otsu"])
+    store = Store(tmp_path / "store")
+    runs = store.runs()
+    assert sorted(r["run_id"] for r in runs) == sorted(report["run_ids"])
+    assert {r["gallery"] for r in runs} == {"eval-heldout"}
+    assert "| shape noun | 6 |" in capsys.readouterr().out
