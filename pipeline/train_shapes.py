@@ -935,7 +935,7 @@ def time_generation(
     sample_path: Path | None = None,
 ) -> dict[str, Any]:
     """Median wall time of a 20-step pipeline call on the saved model (after one warm-up)."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     times = []
     image = None
@@ -969,6 +969,9 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
     vae.register_to_config(scaling_factor=trainer.sf)
     text = make_text_encoder(cfg)
     text.load_state_dict(trainer.ema_text.state_dict())
+    # CLIP's 49,408-row token table is most of the text encoder: stored in float16 it keeps the
+    # model under 50 MB; loaders upcast it (StepX loads CPU models in float32).
+    text.to(torch.float16)
     unet = make_unet(cfg)
     unet.load_state_dict(trainer.ema_unet.state_dict())
     pipe = StableDiffusionPipeline(
@@ -982,6 +985,7 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    text.to(torch.float32)  # the float16-rounded weights, as loaders will see them
     log(f"export: pipeline saved to {out}")
     sweep: list[dict[str, Any]] = []
     if final_eval:
