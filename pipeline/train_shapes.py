@@ -1014,6 +1014,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _unet_layout_text(cfg: Config) -> str:
+    """Which latent levels of the UNet carry cross-attention, in words."""
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    sides = [latent // 2**i for i in range(len(cfg.unet_down))]
+    down = [f"{s} x {s}" for s, b in zip(sides, cfg.unet_down, strict=True) if "CrossAttn" in b]
+    up = [f"{s} x {s}" for s, b in zip(reversed(sides), cfg.unet_up, strict=True) if "CrossAttn" in b]
+    mid = "CrossAttn" in cfg.unet_mid
+    return (
+        "levels " + ", ".join(f"{s} x {s}" for s in sides) + "; cross-attention in the down path at "
+        f"{', '.join(down) or 'no level'}, in the up path at {', '.join(up) or 'no level'}"
+        + (f", and in the mid block at {sides[-1]} x {sides[-1]}" if mid else ", none in the mid block")
+    )
+
+
 def write_card(
     out: Path,
     cfg: Config,
@@ -1107,7 +1121,7 @@ them, with ground-truth masks from the renderer.
 - Text encoder: CLIP text transformer, hidden {cfg.text_hidden}, {cfg.text_layers} layers,
   {cfg.text_heads} heads, trained jointly with the UNet at {cfg.text_lr_mult}x the UNet's rate.
 - UNet: `UNet2DConditionModel` {cfg.unet_channels}, 1 layer per block, {cfg.unet_heads} heads,
-  cross-attention at 16 x 16, 8 x 8 and 4 x 4.
+  {_unet_layout_text(cfg)}.
 - Denoising: epsilon prediction, scaled-linear betas (SD's), min-SNR-{cfg.min_snr} weighting,
   offset noise {cfg.offset_noise}, {cfg.cond_drop:.0%} caption dropout (for classifier-free
   guidance), AdamW lr {cfg.lr}, batch {cfg.batch}, EMA {cfg.ema_decay}, bf16 autocast on CPU.
