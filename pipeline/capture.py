@@ -219,11 +219,12 @@ class AttentionRecorder:
             heads, queries = q_shape[0], q_shape[1]
             qs = torch.cat([q for q, _, _ in queue]).float()  # (layers*heads, queries, d)
             ks = torch.cat([k for _, k, _ in queue]).float()
+            qs = qs * scale  # scaling the queries is cheaper than scaling the scores
             if masked:
                 bias = torch.cat([m.expand(heads, queries, -1) for _, _, m in queue]).float()
-                scores = torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=scale)
+                scores = torch.baddbmm(bias, qs, ks.transpose(-1, -2))
             else:
-                scores = torch.bmm(qs, ks.transpose(-1, -2)).mul_(scale)
+                scores = torch.bmm(qs, ks.transpose(-1, -2))
             probs = scores.softmax(dim=-1)  # (layers*heads, queries, keys)
             if kind == "cross" and self.plan.check_sums:
                 err = (probs.sum(dim=-1) - 1).abs().max()
@@ -380,8 +381,9 @@ def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[Att
                 x0 = (sample - math.sqrt(1 - ab) * out) / math.sqrt(ab)
             recorder.x0.append(x0[:1].detach().clone())
 
+    modules = attention_modules(unet)
     try:
-        for name, module in attention_modules(unet).items():
+        for name, module in modules.items():
             kind = "cross" if name.endswith("attn2") else "self"
             if kind == "self" and halve(plan.latent, block_depth(name, n_down)) not in self_grids:
                 continue
@@ -394,6 +396,5 @@ def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[Att
     finally:
         for h in hooks:
             h.remove()
-        modules = attention_modules(unet)
         for name, proc in originals.items():
             modules[name].set_processor(proc)
