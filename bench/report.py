@@ -72,6 +72,24 @@ def write_readme(r: dict, path: Path) -> None:
         lines.append(
             _row("queue: submit to first step (worker waiting)", f"{r['queue']['submit_to_first_step_p50_s']} s")
         )
+    if "capture_profile" in r:
+        cp = r["capture_profile"]
+        base = cp["untraced_ms_per_step"]
+        lines += [
+            "",
+            f"## Where capture's time goes ({cp['model']}, per denoising step)",
+            "",
+            f"An untraced step takes {base:.2f} ms; capture adds {cp['extra_ms_per_step']:.2f} ms "
+            f"({cp['extra_ms_per_step'] / base:.1%}). Each line is one batched softmax over the layers of a "
+            f"level; memory copy bandwidth on this machine: {cp['copy_gb_s']} GB/s.",
+            "",
+            "| part | ms per step | share of an untraced step | probabilities computed |",
+            "|---|---|---|---|",
+        ]
+        for label, ms in cp["softmax_groups_ms_per_step"].items():
+            lines.append(f"| {label} | {ms:.3f} | {ms / base:.1%} | {cp['probabilities_per_step'][label]:,} |")
+        other = cp["other_capture_ms_per_step"]
+        lines.append(f"| processors, hooks, host copy, previews' x0 | {other:.3f} | {other / base:.1%} | |")
     notes = r.get("notes", [])
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

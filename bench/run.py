@@ -99,6 +99,83 @@ def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, p
     }
 
 
+def capture_profile(model_name: str, px: int, steps: int, guidance: float, runs: int = 6) -> dict:
+    """Where a traced call's extra time goes, per denoising step: each batched softmax group
+    (kind x grid, with how many probabilities it computes), the rest of capture, and the memory
+    bandwidth of this machine (the softmax groups stream their probabilities through memory)."""
+    from collections import defaultdict
+
+    import torch
+
+    from pipeline import capture
+    from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids
+    from pipeline.generate import GenerationConfig, prompt_tokens, run_pipeline
+    from pipeline.models import load_model
+
+    model = load_model(model_name, device="cpu")
+    pipe = model.pipe
+    cfg = GenerationConfig("a red circle on the left and a blue square on the right", seed=0, steps=steps,
+                           guidance=guidance, width=px, height=px).resolved(model)  # fmt: skip
+    tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
+    latent = (px // pipe.vae_scale_factor, px // pipe.vae_scale_factor)
+    self_grid, step_grid, _ = plan_grids(pipe.unet, latent)
+    plan = CapturePlan(latent, tuple(t.token_index for t in tokens if t.has_map), self_grid, step_grid, True, guidance)
+    spent: dict[str, float] = defaultdict(float)
+    probabilities: dict[str, int] = {}
+    original = capture.AttentionRecorder._drain
+
+    def timed_drain(rec: AttentionRecorder) -> None:
+        pending = rec._pending
+        for key, queue in list(pending.items()):
+            kind, q_shape, k_shape = key[0], key[1], key[2]
+            label = f"{kind}-attention softmax, {capture.grid_of(q_shape[1], latent)[0]}x" + (
+                f"{capture.grid_of(q_shape[1], latent)[1]} ({len(queue)} layers x {q_shape[0]} heads)"
+            )
+            probabilities[label] = len(queue) * q_shape[0] * q_shape[1] * k_shape[1]
+            rec._pending = {key: queue}
+            t0 = time.perf_counter()
+            original(rec)
+            spent[label] += time.perf_counter() - t0
+        rec._pending = {}
+        rec._pending_bytes = 0
+
+    run_pipeline(model, cfg)
+    plain, traced = [], []
+    capture.AttentionRecorder._drain = timed_drain
+    try:
+        with attention_capture(pipe, AttentionRecorder(plan)):
+            run_pipeline(model, cfg)
+        spent.clear()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run_pipeline(model, cfg)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with attention_capture(pipe, AttentionRecorder(plan)):
+                run_pipeline(model, cfg)
+            traced.append(time.perf_counter() - t0)
+    finally:
+        capture.AttentionRecorder._drain = original
+    per_step = {k: round(v / runs / steps * 1000, 3) for k, v in spent.items()}
+    extra = (sum(traced) - sum(plain)) / runs / steps * 1000
+    src = torch.randn(786_432)
+    dst = torch.empty_like(src)
+    copies = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copies.append(time.perf_counter() - t0)
+    return {
+        "model": model_name,
+        "untraced_ms_per_step": round(sum(plain) / runs / steps * 1000, 3),
+        "extra_ms_per_step": round(extra, 3),
+        "softmax_groups_ms_per_step": per_step,
+        "other_capture_ms_per_step": round(extra - sum(per_step.values()), 3),
+        "probabilities_per_step": probabilities,
+        "copy_gb_s": round(2 * src.numel() * 4 / _median(copies) / 1e9, 1),
+    }
+
+
 def _reset_peak() -> None:
     """Reset the process's peak resident memory (Linux: VmHWM)."""
     with open("/proc/self/clear_refs", "w") as fh:
@@ -436,7 +513,8 @@ def main() -> None:
     from pipeline.models import locate, REGISTRY  # noqa: I001
 
     default = "shapes" if locate(REGISTRY["shapes"]) else "tiny-random"
-    results["capture_overhead"] = [capture_overhead(default, None, REGISTRY[default].size, 20, 7, 3.0)]
+    results["capture_overhead"] = [capture_overhead(default, None, REGISTRY[default].size, 20, 9, 3.0)]
+    results["capture_profile"] = capture_profile(default, REGISTRY[default].size, 20, 3.0)
     if not args.quick:
         results["capture_overhead"].append(capture_overhead("sd15", "sd15-full", 256, 2, 3, 7.5))
     results["trace_bytes"] = trace_bytes(default)

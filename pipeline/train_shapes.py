@@ -74,12 +74,13 @@ class Config:
     text_heads: int = 4
     text_ff: int = 512
     # UNet
-    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
-    # Cross-attention where the layout is decided (8, 4 px latent levels) and where the maps are
-    # sharpest (the 16 x 16 up level); the 2 x 2 bottom sees the whole scene through convolutions.
-    unet_down: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    unet_mid: str = "UNetMidBlock2D"
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    # SD's pattern: cross-attention at every level but the coarsest down block, and in the mid
+    # block. (A variant without down-path attention at 16 x 16 and a 2 x 2 bottom level learned
+    # colour more slowly: colour right 0.50 at step 1,869 vs 0.73 at step 747 for this layout.)
+    unet_down: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    unet_mid: str = "UNetMidBlock2DCrossAttn"
     unet_heads: int = 4
     norm_groups: int = 8
     # denoiser training
@@ -93,12 +94,12 @@ class Config:
     offset_noise: float = 0.1
     cond_drop: float = 0.1
     ground_weight: float = 0.1
-    ground_bg_weight: float = 0.0
-    ground_bg_stop: int = -1  # step from which the background term is off (-1: never)
+    ground_bg_weight: float = 1.0
+    ground_bg_stop: int = 2404  # step from which the background term is off (-1: never)
     ground_pixel_weight: float = 1.0
     ground_own_weight: float = 1.0
-    ground_own_start: int = 0  # step from which the ownership term is on
-    curriculum: tuple[int, int] = (1500, 3000)  # steps of 1-object only, then of 1-2 objects
+    ground_own_start: int = 1066  # step from which the ownership term is on
+    curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
     # bookkeeping
     ckpt_minutes: float = 5.0
@@ -456,9 +457,10 @@ def grounding_loss(
     gives to object words, the share going to object k's own words should be 1. It breaks the
     symmetric solution in which every object word attends to every object alike.
 
-    The background term (attention that pixels outside every object give to object words)
-    is off by default: at high noise no pixel can tell whether it lies inside an object, so it
-    taught the model to ignore object words there, and the layout could not follow the text.
+    The background term (attention that pixels outside every object give to object words) is
+    switched off at `ground_bg_stop`: at high noise no pixel can tell whether it lies inside an
+    object, so it taught the model to ignore object words there, and the layout could not follow
+    the text. The shipped recipe keeps the schedule the committed model was trained with.
 
     maps: per cross-attention layer (B, HW, T) head-averaged probabilities; owner (B, T) object
     index per token (-1 none); masks16 (B, K, 16, 16) area fractions; keep (B,) bool, samples
