@@ -233,3 +233,21 @@ def test_captured_maps_equal_reference_attention(tiny_model, monkeypatch, budget
         and capture.halve(latent, capture.block_depth(key.removesuffix(".processor"), n_down)) == plan.self_grid
     ]
     np.testing.assert_allclose(rec.self_aggregate(), torch.stack(at_self_grid).mean(dim=0).numpy(), atol=1e-5)
+
+
+def test_recorder_applies_attention_masks_like_diffusers():
+    """A masked layer's probabilities: softmax(QK^T * scale + mask), conditional half, heads averaged."""
+    torch.manual_seed(0)
+    latent = (4, 4)
+    plan = CapturePlan(latent, (0, 1, 2), (4, 4), (4, 4), cfg=True, guidance=2.0, check_sums=True)
+    rec = AttentionRecorder(plan)
+    rec.begin_step(999.0)
+    q, k = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 5, 8)  # (batch, heads, queries/keys, d)
+    mask = torch.zeros(2, 2, 1, 5)
+    mask[..., 3:] = -10_000.0  # keys 3 and 4 masked out
+    rec.observe("cross", q, k, mask, 0.5)
+    rec.finish()
+    expected = ((q[1] @ k[1].transpose(-1, -2)) * 0.5 + mask[1]).softmax(-1).mean(0)  # (queries, keys)
+    got = rec.steps[0].cross[(4, 4)]  # (tokens, 4, 4)
+    np.testing.assert_allclose(got.reshape(3, 16), expected[:, :3].T.numpy(), atol=1e-6)
+    assert rec.max_sum_error < 1e-5
