@@ -30,6 +30,7 @@ import os
 import platform
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,7 +327,7 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
     path = work / "vae.pt"
     vae = make_vae(cfg)
     if path.exists():
-        blob = torch.load(path, weights_only=False)
+        blob = torch.load(path, weights_only=False, map_location="cpu")
         vae.load_state_dict(blob["state"])
         return vae.eval(), float(blob["scaling_factor"])
     torch.manual_seed(cfg.seed)
@@ -402,13 +403,27 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
 # ----------------------------------------------------------------------------- stage 2: data
 
 
+def _render_chunk(seeds: list[tuple[int, int]], size: int) -> list[scenes.Scene]:
+    """Training scenes for (seed, object count) pairs (a worker process's share of the data)."""
+    return [scenes.training_scene(seed, n_objects=k, size=size) for seed, k in seeds]
+
+
 def build_data(
-    cfg: Config, work: Path, vae: AutoencoderKL, sf: float, tokenizer: CLIPTokenizer, log: Logger
+    cfg: Config,
+    work: Path,
+    vae: AutoencoderKL,
+    sf: float,
+    tokenizer: CLIPTokenizer,
+    log: Logger,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Encode the training scenes once (latents, token ids, token owners, latent-grid masks)."""
+    """Encode the training scenes once (latents, token ids, token owners, latent-grid masks).
+
+    Scenes depend only on their seed, so rendering in `workers` processes gives the same data.
+    """
     path = work / "data.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=False, map_location="cpu")
     start = time.time()
     grid = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     n = cfg.n_scenes
@@ -418,14 +433,17 @@ def build_data(
     masks = torch.zeros(n, MAX_OBJECTS, grid, grid, dtype=torch.float16)
     count = torch.zeros(n, dtype=torch.int8)
     chunk = 500
-    for lo in range(0, n, chunk):
-        batch = [
-            scenes.training_scene(cfg.seed * 1_000_003 + i, n_objects=1 + i % 3, size=cfg.image_size)
-            for i in range(lo, min(n, lo + chunk))
-        ]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            lat = vae.encode(to_tensor_images([s.image for s in batch])).latent_dist.mean.float()
-        latents[lo : lo + len(batch)] = lat * sf
+    device = next(vae.parameters()).device
+    seeds = [
+        [(cfg.seed * 1_000_003 + i, 1 + i % 3) for i in range(lo, min(n, lo + chunk))] for lo in range(0, n, chunk)
+    ]
+    sizes = [cfg.image_size] * len(seeds)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    rendered = pool.map(_render_chunk, seeds, sizes) if pool else map(_render_chunk, seeds, sizes)
+    for lo, batch in zip(range(0, n, chunk), rendered, strict=True):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            lat = vae.encode(to_tensor_images([s.image for s in batch]).to(device)).latent_dist.mean.float()
+        latents[lo : lo + len(batch)] = lat.cpu() * sf
         for j, s in enumerate(batch):
             tok, own = caption_tokens(tokenizer, s.words, cfg.max_length)
             ids[lo + j] = torch.tensor(tok)
@@ -434,6 +452,8 @@ def build_data(
             count[lo + j] = len(s.objects)
         if lo % 10000 == 0:
             log(f"data: {lo + len(batch)}/{n} scenes encoded ({time.time() - start:.0f} s)")
+    if pool:
+        pool.shutdown()
     data = {"latents": latents, "ids": ids, "owner": owner, "masks": masks, "count": count}
     atomic_save(data, path)
     log(f"data: {n} scenes in {time.time() - start:.0f} s, latent std {latents.std():.3f}")
@@ -469,10 +489,10 @@ def grounding_loss(
     bg_weight = cfg.ground_bg_weight if cfg.ground_bg_stop < 0 or step < cfg.ground_bg_stop else 0.0
     own_weight = cfg.ground_own_weight if step >= cfg.ground_own_start else 0.0
     k = masks16.shape[1]
-    sel = (owner.unsqueeze(1) == torch.arange(k).view(1, k, 1)).float() * keep.view(-1, 1, 1)
+    sel = (owner.unsqueeze(1) == torch.arange(k, device=owner.device).view(1, k, 1)).float() * keep.view(-1, 1, 1)
     tok_any = sel.sum(1)  # (B, T) 1 where the token names an object
     n_tok = tok_any.sum().clamp(min=1.0)
-    total_tok = total_pix = total_bg = total_own = torch.zeros(())
+    total_tok = total_pix = total_bg = total_own = torch.zeros((), device=owner.device)
     mass = 0.0
     for probs in maps:
         hw = probs.shape[1]
@@ -582,18 +602,20 @@ def sample_batch(data: dict[str, torch.Tensor], cfg: Config, step: int, pools: d
 class Trainer:
     """Joint text-encoder + UNet training with EMA, checkpoints and periodic evaluation."""
 
-    def __init__(self, cfg: Config, work: Path, log: Logger) -> None:
+    def __init__(self, cfg: Config, work: Path, log: Logger, device: str = "cpu", workers: int = 1) -> None:
         self.cfg = cfg
         self.work = work
         self.log = log
+        self.device = torch.device(device)
         self.tokenizer = make_tokenizer(cfg)
         self.vae, self.sf = train_vae(cfg, work, log)
-        self.data = build_data(cfg, work, self.vae, self.sf, self.tokenizer, log)
+        self.vae.to(self.device)
+        self.data = build_data(cfg, work, self.vae, self.sf, self.tokenizer, log, workers)
         torch.manual_seed(cfg.seed)
-        self.text = make_text_encoder(cfg)
-        self.unet = make_unet(cfg)
-        self.ema_text = make_text_encoder(cfg)
-        self.ema_unet = make_unet(cfg)
+        self.text = make_text_encoder(cfg).to(self.device)
+        self.unet = make_unet(cfg).to(self.device)
+        self.ema_text = make_text_encoder(cfg).to(self.device)
+        self.ema_unet = make_unet(cfg).to(self.device)
         self.ema_text.load_state_dict(self.text.state_dict())
         self.ema_unet.load_state_dict(self.unet.state_dict())
         for p in [*self.ema_text.parameters(), *self.ema_unet.parameters()]:
@@ -613,6 +635,7 @@ class Trainer:
         count = self.data["count"].numpy()
         self.pools = {c: np.nonzero(count == c)[0] for c in (1, 2, 3)}
         self.empty_ids = torch.tensor(self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids)
+        self.empty_ids = self.empty_ids.to(self.device)
 
     # -- checkpoints
 
@@ -641,7 +664,7 @@ class Trainer:
             if not path.exists():
                 continue
             try:
-                blob = torch.load(path, weights_only=False)
+                blob = torch.load(path, weights_only=False, map_location="cpu")
             except (RuntimeError, EOFError, OSError) as err:
                 self.log(f"resume: {name} unreadable ({err}); trying an older one")
                 continue
@@ -662,18 +685,19 @@ class Trainer:
         cfg, st = self.cfg, self.state
         idx = sample_batch(self.data, cfg, st.step, self.pools)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
-        lat = self.data["latents"][idx]
-        ids = self.data["ids"][idx].clone()
-        owner = self.data["owner"][idx].long()
-        masks = self.data["masks"][idx].float()
+        dev = self.device
+        lat = self.data["latents"][idx].to(dev)
+        ids = self.data["ids"][idx].to(dev)
+        owner = self.data["owner"][idx].long().to(dev)
+        masks = self.data["masks"][idx].float().to(dev)
         b = lat.shape[0]
-        keep = torch.rand(b, generator=gen) >= cfg.cond_drop
+        keep = (torch.rand(b, generator=gen) >= cfg.cond_drop).to(dev)
         ids[~keep] = self.empty_ids
         noise = torch.randn(lat.shape, generator=gen)
-        noise = noise + cfg.offset_noise * torch.randn(b, lat.shape[1], 1, 1, generator=gen)
+        noise = (noise + cfg.offset_noise * torch.randn(b, lat.shape[1], 1, 1, generator=gen)).to(dev)
         t = torch.randint(0, 1000, (b,), generator=gen)
-        noisy = self.sched.add_noise(lat, noise, t)
-        ac = self.sched.alphas_cumprod[t]
+        noisy = self.sched.add_noise(lat, noise, t.to(dev))
+        ac = self.sched.alphas_cumprod.cpu()[t].to(dev)
         snr = ac / (1 - ac)
         weight = snr.clamp(max=cfg.min_snr) / snr
         lr_scale = min(1.0, (st.step + 1) / cfg.warmup)
@@ -681,9 +705,9 @@ class Trainer:
             group["lr"] = base * lr_scale
         self.store.clear()
         self.store.active = True
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             context = self.text(ids)[0]
-            pred = self.unet(noisy, t, encoder_hidden_states=context).sample
+            pred = self.unet(noisy, t.to(dev), encoder_hidden_states=context).sample
         self.store.active = False
         mse = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         denoise = (mse * weight).mean()
@@ -740,7 +764,7 @@ class Trainer:
             t0 = time.time()
             window.append(self.step())
             st.train_seconds += time.time() - t0
-            note = self.tuner.record(st.step, time.time() - t0)
+            note = self.tuner.record(st.step, time.time() - t0) if self.device.type == "cpu" else None
             if note:
                 self.log(note)
             if st.step % 25 == 0:
@@ -830,14 +854,15 @@ def generate_with_maps(
     install_recorder(unet, store)
     n = len(prompts)
     length = tokenizer.model_max_length
-    ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids)
-    empty = torch.tensor(tokenizer([""] * n, padding="max_length", max_length=length).input_ids)
+    dev = unet.device
+    ids = torch.tensor(tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids).to(dev)
+    empty = torch.tensor(tokenizer([""] * n, padding="max_length", max_length=length).input_ids).to(dev)
     context = torch.cat([text(empty)[0], text(ids)[0]])
     sched = make_sample_scheduler()
     sched.set_timesteps(steps)
     grid = unet.config.sample_size
     gen = torch.Generator().manual_seed(seed)
-    lat = torch.randn(n, unet.config.in_channels, grid, grid, generator=gen) * sched.init_noise_sigma
+    lat = (torch.randn(n, unet.config.in_channels, grid, grid, generator=gen) * sched.init_noise_sigma).to(dev)
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     for t in sched.timesteps:
@@ -854,7 +879,7 @@ def generate_with_maps(
         lat = sched.step(eu + guidance * (ec - eu), t, lat).prev_sample
     store.clear()
     image = vae.decode(lat / sf).sample
-    image = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    image = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     levels = []
     for res, total in sums.items():
         per_step = total * (steps / counts[res])  # layers averaged, steps summed
@@ -864,7 +889,7 @@ def generate_with_maps(
     maps = torch.stack(levels).mean(0)
     size = image.shape[1]
     maps = F.interpolate(maps, size=(size, size), mode="bicubic", align_corners=False).clamp(min=0)
-    return image, maps.reshape(n, length, size, size)
+    return image, maps.reshape(n, length, size, size).cpu()
 
 
 def evaluate(
@@ -1041,7 +1066,7 @@ def write_card(
 ) -> None:
     """The README.md model card: data, recipe, training time, hardware, scores."""
     st = trainer.state
-    vae_blob = torch.load(trainer.work / "vae.pt", weights_only=False)
+    vae_blob = torch.load(trainer.work / "vae.pt", weights_only=False, map_location="cpu")
     rows = "\n".join(
         f"| {r['guidance']} | {r['objects_correct']:.3f} | {r['present']:.3f} | "
         f"{r['colour_ok']:.3f} | {r['region_ok']:.3f} | {r['blank']:.3f} | "
@@ -1191,6 +1216,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-export", action="store_true", help="skip the export at the end")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    ap.add_argument("--workers", type=int, default=1, help="processes that render the training scenes")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override Config fields for a new run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -1209,7 +1236,8 @@ def main(argv: list[str] | None = None) -> None:
             parsed = json.loads(value)
             setattr(cfg, key, tuple(parsed) if isinstance(current, tuple) else type(current)(parsed))
         cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
-    trainer = Trainer(cfg, args.work, log)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    trainer = Trainer(cfg, args.work, log, device=device, workers=args.workers)
     resumed = trainer.load() if (args.resume or args.export_only or args.eval_only) else False
     if (args.export_only or args.eval_only) and not resumed:
         raise SystemExit("no checkpoint to export or evaluate")

@@ -20,7 +20,7 @@ MINI = Config(
     text_layers=1,
     text_heads=2,
     text_ff=64,
-    unet_channels=(8, 16, 16, 16),
+    unet_channels=(8, 16, 16),
     unet_heads=2,
     batch=4,
     curriculum=(1, 2),
@@ -67,3 +67,21 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
                                                    height=64), check_sums=True)  # fmt: skip
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"][:4] == ["a", "red", "circle", "on"]
+
+
+def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.train_shapes import build_data, make_tokenizer, make_vae
+
+    cfg = replace(MINI, n_scenes=1001)  # three chunks of up to 500 scenes
+    torch.manual_seed(0)
+    vae = make_vae(cfg).eval()
+    built = []
+    for workers in (1, 2):
+        work = tmp_path / f"w{workers}"
+        work.mkdir()
+        built.append(build_data(cfg, work, vae, 0.5, make_tokenizer(cfg), Logger(work / "log.txt"), workers))
+    for key in ("latents", "ids", "owner", "masks", "count"):
+        assert torch.equal(built[0][key], built[1][key]), key
+    assert built[0]["count"].tolist()[:4] == [1, 2, 3, 1]
