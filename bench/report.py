@@ -18,7 +18,7 @@ def write_readme(r: dict, path: Path) -> None:
         "# StepX benchmarks",
         "",
         f"Measured {r['date']} by `make bench` on {r['machine']['platform']} ({r['machine']['cpus']} CPUs, "
-        f"torch threads {r['machine']['torch_threads']}); torch {r['versions']['torch']}, diffusers "
+        f"torch threads {r['machine']['torch_threads']} unless a row says otherwise); torch {r['versions']['torch']}, diffusers "
         f"{r['versions']['diffusers']}, Python {r['versions']['python']}. Ratios are traced / untraced calls "
         "interleaved in one run (medians). Raw figures: `results.json`.",
         "",
@@ -27,7 +27,8 @@ def write_readme(r: dict, path: Path) -> None:
     ]
     for c in r["capture_overhead"]:
         lines.append(_row(
-            f"capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps (levels {', '.join(c['levels'])})",
+            f"capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, {c.get('threads', 1)} thread(s) "
+            f"(levels {', '.join(c['levels'])})",
             f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
             f"<= {c['target_ratio']:.2f}x", c["overhead_ratio"] <= c["target_ratio"],
         ))  # fmt: skip

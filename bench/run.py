@@ -30,9 +30,14 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, pairs: int, guidance: float) -> dict:
-    """Median traced / untraced denoising time of one pipeline, calls interleaved."""
+def capture_overhead(
+    model_name: str, layout: str | None, px: int, steps: int, pairs: int, guidance: float, threads: int = 1
+) -> dict:
+    """Median traced / untraced denoising time of one pipeline, calls interleaved, on `threads` threads."""
     import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids
     from pipeline.generate import GenerationConfig, prompt_tokens, run_pipeline
@@ -79,9 +84,10 @@ def capture_overhead(model_name: str, layout: str | None, px: int, steps: int, p
                 with attention_capture(pipe, rec):
                     run_pipeline(model, cfg)
                 traced.append(time.perf_counter() - t0)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(previous_threads)
     return {
         "model": model_name if layout != "sd15-full" else "sd15 architecture, random weights",
+        "threads": threads,
         "size_px": px,
         "steps": steps,
         "guidance": guidance,
@@ -514,6 +520,7 @@ def main() -> None:
 
     default = "shapes" if locate(REGISTRY["shapes"]) else "tiny-random"
     results["capture_overhead"] = [capture_overhead(default, None, REGISTRY[default].size, 20, 9, 3.0)]
+    results["capture_overhead"].append(capture_overhead(default, None, REGISTRY[default].size, 20, 9, 3.0, threads=2))
     results["capture_profile"] = capture_profile(default, REGISTRY[default].size, 20, 3.0)
     if not args.quick:
         results["capture_overhead"].append(capture_overhead("sd15", "sd15-full", 256, 2, 3, 7.5))
