@@ -18,7 +18,8 @@ def write_readme(r: dict, path: Path) -> None:
         "# StepX benchmarks",
         "",
         f"Measured {r['date']} by `make bench` on {r['machine']['platform']} ({r['machine']['cpus']} CPUs, "
-        f"torch threads {r['machine']['torch_threads']} unless a row says otherwise); torch {r['versions']['torch']}, diffusers "
+        f"torch threads {r['machine']['torch_threads']} unless a row says otherwise); "
+        f"torch {r['versions']['torch']}, diffusers "
         f"{r['versions']['diffusers']}, Python {r['versions']['python']}. Ratios are traced / untraced calls "
         "interleaved in one run (medians). Raw figures: `results.json`.",
         "",
