@@ -100,6 +100,11 @@ class Config:
     ground_pixel_weight: float = 1.0
     ground_own_weight: float = 1.0
     ground_own_start: int = 1066  # step from which the ownership term is on
+    # From step `ground_layout_start`, at timesteps >= `ground_layout_t` (where no object is visible
+    # yet) only position words are grounded: a causal text encoder cannot put position into the
+    # colour and shape words that come before them, so grounding those there asks the impossible.
+    ground_layout_t: int = 700
+    ground_layout_start: int = 6470  # -1: never
     curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
     # bookkeeping
@@ -470,6 +475,7 @@ def grounding_loss(
     keep: torch.Tensor,
     cfg: Config,
     step: int,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """TokenCompose-style token + pixel losses plus background and ownership terms, layer mean.
 
@@ -484,13 +490,17 @@ def grounding_loss(
 
     maps: per cross-attention layer (B, HW, T) head-averaged probabilities; owner (B, T) object
     index per token (-1 none); masks16 (B, K, 16, 16) area fractions; keep (B,) bool, samples
-    whose caption was not dropped; step: the training step (for the term schedules).
+    whose caption was not dropped; step: the training step (for the term schedules); allowed
+    (B, T) bool, tokens that may be grounded (None: all).
     """
     bg_weight = cfg.ground_bg_weight if cfg.ground_bg_stop < 0 or step < cfg.ground_bg_stop else 0.0
     own_weight = cfg.ground_own_weight if step >= cfg.ground_own_start else 0.0
     k = masks16.shape[1]
     sel = (owner.unsqueeze(1) == torch.arange(k, device=owner.device).view(1, k, 1)).float() * keep.view(-1, 1, 1)
+    if allowed is not None:
+        sel = sel * allowed.unsqueeze(1).float()
     tok_any = sel.sum(1)  # (B, T) 1 where the token names an object
+    has_words = (sel.sum(-1) > 0).float()  # (B, K) objects with a grounded word (kept captions only)
     n_tok = tok_any.sum().clamp(min=1.0)
     total_tok = total_pix = total_bg = total_own = torch.zeros((), device=owner.device)
     mass = 0.0
@@ -512,7 +522,7 @@ def grounding_loss(
         total_bg = total_bg + (on_objects * bg).sum() / bg.sum().clamp(min=1.0)
         own = torch.einsum("bpt,bkt->bkp", probs, sel)  # attention to object k's words
         share = own / (on_objects.unsqueeze(1) + 1e-6)
-        inside_w = m * keep.view(-1, 1, 1)
+        inside_w = m * has_words.unsqueeze(-1)
         total_own = total_own - (inside_w * torch.log(share + 1e-4)).sum() / inside_w.sum().clamp(min=1.0)
         mass += float((frac.detach() * tok_any).sum() / n_tok)
     n = len(maps)
@@ -636,6 +646,7 @@ class Trainer:
         self.pools = {c: np.nonzero(count == c)[0] for c in (1, 2, 3)}
         self.empty_ids = torch.tensor(self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids)
         self.empty_ids = self.empty_ids.to(self.device)
+        self._position_ids: torch.Tensor | None = None
 
     # -- checkpoints
 
@@ -680,6 +691,17 @@ class Trainer:
 
     # -- one step
 
+    def _layout_tokens(self, ids: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) bool: which tokens may be grounded, or None for all (see `Config.ground_layout_t`)."""
+        cfg = self.cfg
+        if cfg.ground_layout_start < 0 or self.state.step < cfg.ground_layout_start:
+            return None
+        if self._position_ids is None:
+            words = [self.tokenizer.encode(w, add_special_tokens=False) for w in scenes.POSITIONS]
+            self._position_ids = torch.tensor([p[0] for p in words if len(p) == 1], device=ids.device)
+        high = (t.to(ids.device) >= cfg.ground_layout_t).unsqueeze(1)  # (B, 1)
+        return ~high | torch.isin(ids, self._position_ids)
+
     def step(self) -> dict[str, float]:
         """One optimisation step; returns its losses."""
         cfg, st = self.cfg, self.state
@@ -711,7 +733,9 @@ class Trainer:
         self.store.active = False
         mse = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         denoise = (mse * weight).mean()
-        ground, stats = grounding_loss([m.float() for m in self.store.maps], owner, masks, keep, cfg, st.step)
+        ground, stats = grounding_loss(
+            [m.float() for m in self.store.maps], owner, masks, keep, cfg, st.step, self._layout_tokens(ids, t)
+        )
         self.store.clear()
         loss = denoise + cfg.ground_weight * ground
         self.opt.zero_grad(set_to_none=True)

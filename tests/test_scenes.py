@@ -103,3 +103,22 @@ def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
     assert stats["mass_in"] == pytest.approx(1.0, abs=1e-3)
     dropped = grounding_loss([swapped], owner, masks, torch.tensor([False]), cfg, step=10_000)[0]
     assert dropped.item() == pytest.approx(0.0, abs=1e-6)  # captions dropped for CFG are not grounded
+
+
+def test_grounding_at_high_noise_can_be_limited_to_position_words():
+    from pipeline.train_shapes import Config, grounding_loss
+
+    cfg = Config()
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :, :2] = 1
+    owner = torch.tensor([[-1, 0, 0, -1]])  # BOS, "red" (object 0), "left" (object 0), EOS
+    keep = torch.tensor([True])
+    logits = torch.full((1, 16, 4), -8.0)
+    logits[..., 0] = 0.0
+    logits[0, masks[0, 0].flatten().bool(), 2] = 4.0  # "left" attends to its object, "red" nowhere useful
+    probs = logits.softmax(-1)
+    everything = grounding_loss([probs], owner, masks, keep, cfg, step=10_000)[0]
+    only_left = grounding_loss([probs], owner, masks, keep, cfg, 10_000, torch.tensor([[True, False, True, True]]))[0]
+    assert only_left < everything  # the ungrounded "red" no longer counts
+    nothing = grounding_loss([probs], owner, masks, keep, cfg, 10_000, torch.zeros(1, 4, dtype=torch.bool))[0]
+    assert torch.isfinite(nothing) and nothing.item() == pytest.approx(0.0, abs=1e-6)

@@ -24,6 +24,7 @@ MINI = Config(
     unet_heads=2,
     batch=4,
     curriculum=(1, 2),
+    ground_layout_start=0,
     eval_prompts=2,
     eval_steps=2,
 )
