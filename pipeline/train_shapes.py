@@ -1126,6 +1126,15 @@ def write_card(
             " such a term teaches the model to ignore object words there and layout stops following"
             " the text"
         )
+    layout_text = (
+        f"; from step {cfg.ground_layout_start}, at timesteps >= {cfg.ground_layout_t} only position words"
+        " are grounded: there no object is visible yet, and a causal text encoder cannot put position into"
+        " the colour and shape words that precede the position phrase, so grounding them asked the"
+        " impossible (the network's 4 x 4 features encode position linearly, R^2 = 1.00 at t = 999, yet"
+        " position words' maps were barely shifted toward their regions)"
+        if cfg.ground_layout_start >= 0
+        else ""
+    )
     text = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -1182,7 +1191,7 @@ them, with ground-truth masks from the renderer.
   token's cross-attention with its segmentation mask), weighted {cfg.ground_weight} against the
   denoising loss: every cross-attention layer's head-averaged map of each object word (size,
   colour, shape, position) gets a token loss (1 - attention mass inside the object's mask) and a
-  pixel loss (BCE of the max-normalised map against the mask); {own_text}; {bg_text}.
+  pixel loss (BCE of the max-normalised map against the mask); {own_text}; {bg_text}{layout_text}.
   Plain denoising alone did not learn layout or localised word maps within an affordable CPU
   budget (probe: word maps at the uniform baseline after ~5k steps), because a causal text
   encoder cannot put position into colour and shape tokens and most attention went to padding.
