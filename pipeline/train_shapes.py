@@ -104,6 +104,14 @@ class Config:
     # yet) only position words are grounded: a causal text encoder cannot put position into the
     # colour and shape words that come before them, so grounding those there asks the impossible.
     ground_layout_t: int = 700
+    # The SD schedule keeps 6.8% of the scene at t = 999, so a model trained on it finds the layout
+    # in that residue and never learns to take it from the text, while sampling starts from pure
+    # noise (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024). From
+    # `layout_noise_start`, a share `layout_noise_p` of each batch is drawn at t >= `layout_noise_t`
+    # from pure noise, with the matching noise target, so grounding there must come from the text.
+    layout_noise_p: float = 0.25
+    layout_noise_t: int = 950
+    layout_noise_start: int = 8811  # -1: never
     ground_layout_start: int = 6470  # -1: never
     curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
@@ -718,8 +726,20 @@ class Trainer:
         noise = torch.randn(lat.shape, generator=gen)
         noise = (noise + cfg.offset_noise * torch.randn(b, lat.shape[1], 1, 1, generator=gen)).to(dev)
         t = torch.randint(0, 1000, (b,), generator=gen)
+        pure = None
+        if 0 <= cfg.layout_noise_start <= st.step:
+            pure = torch.rand(b, generator=gen) < cfg.layout_noise_p
+            t = torch.where(pure, torch.randint(cfg.layout_noise_t, 1000, (b,), generator=gen), t)
         noisy = self.sched.add_noise(lat, noise, t.to(dev))
         ac = self.sched.alphas_cumprod.cpu()[t].to(dev)
+        if pure is not None and pure.any():
+            # What sampling starts from: pure noise, no trace of the scene. The target is the noise
+            # that makes this input a draw of the scene at t, so x0 must come from the caption.
+            start = torch.randn(lat.shape, generator=gen).to(dev)
+            a = ac.view(-1, 1, 1, 1)
+            sel = pure.to(dev).view(-1, 1, 1, 1)
+            noisy = torch.where(sel, start, noisy)
+            noise = torch.where(sel, (start - a.sqrt() * lat) / (1 - a).sqrt(), noise)
         snr = ac / (1 - ac)
         weight = snr.clamp(max=cfg.min_snr) / snr
         lr_scale = min(1.0, (st.step + 1) / cfg.warmup)

@@ -25,6 +25,8 @@ MINI = Config(
     batch=4,
     curriculum=(1, 2),
     ground_layout_start=0,
+    layout_noise_start=0,
+    layout_noise_p=0.5,
     eval_prompts=2,
     eval_steps=2,
 )
