@@ -1099,6 +1099,18 @@ def _unet_layout_text(cfg: Config) -> str:
     )
 
 
+def _before_after(evals: list[dict[str, Any]], step: int) -> str:
+    """A sentence comparing the last periodic evaluation before `step` with the latest one."""
+    before = [e for e in evals if e.get("step", 0) < step]
+    if not before or evals[-1].get("step", 0) < step:
+        return ""
+    a, b = before[-1], evals[-1]
+    return (
+        f"  In the periodic evaluation, objects correct went from {a['objects_correct']:.2f} (step {a['step']})"
+        f" to {b['objects_correct']:.2f} (step {b['step']}).\n"
+    )
+
+
 def write_card(
     out: Path,
     cfg: Config,
@@ -1153,6 +1165,17 @@ def write_card(
         " impossible (the network's 4 x 4 features encode position linearly, R^2 = 1.00 at t = 999, yet"
         " position words' maps were barely shifted toward their regions)"
         if cfg.ground_layout_start >= 0
+        else ""
+    )
+    noise_text = (
+        f"""- Layout from pure noise (from step {cfg.layout_noise_start}): {cfg.layout_noise_p:.0%} of each batch is
+  drawn at t >= {cfg.layout_noise_t} from pure noise, with the noise target that makes that input a draw of
+  the scene at t. SD's schedule keeps sqrt(alpha_bar) = 0.068 of the scene at t = 999, and these flat,
+  high-contrast objects can be read in that residue: until then the model placed objects where the
+  residue showed them and ignored position words, which fails at sampling time, where the start is
+  pure noise (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024).
+{_before_after(st.evals, cfg.layout_noise_start)}"""
+        if cfg.layout_noise_start >= 0
         else ""
     )
     text = f"""---
@@ -1215,7 +1238,7 @@ them, with ground-truth masks from the renderer.
   Plain denoising alone did not learn layout or localised word maps within an affordable CPU
   budget (probe: word maps at the uniform baseline after ~5k steps), because a causal text
   encoder cannot put position into colour and shape tokens and most attention went to padding.
-
+{noise_text}
 ## Training
 
 {st.step} steps, {st.train_seconds / 3600:.2f} h of training on {cpu_name()}
