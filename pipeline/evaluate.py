@@ -63,13 +63,14 @@ class EvalReport:
         o = self.objects
         lines += [
             "",
-            "| objects | present | right colour | right region | correct (all three) |",
-            "|---|---|---|---|---|",
-            f"| all ({o['n']:.0f}) | {o['present']:.1%} | {o['colour']:.1%} | {o['region']:.1%} | {o['correct']:.1%} |",
+            "| objects | present | right colour | right region | correct (all three) | and right shape |",
+            "|---|---|---|---|---|---|",
+            f"| all ({o['n']:.0f}) | {o['present']:.1%} | {o['colour']:.1%} | {o['region']:.1%} | {o['correct']:.1%} "
+            f"| {o['shape']:.1%} |",
         ]
         for k in (1, 2, 3):
             if f"correct_{k}" in o:
-                lines.append(f"| in {k}-object scenes | | | | {o[f'correct_{k}']:.1%} |")
+                lines.append(f"| in {k}-object scenes | | | | {o[f'correct_{k}']:.1%} | {o[f'shape_{k}']:.1%} |")
         lines += ["", "| detection (shape nouns) | mask IoU | box IoU |", "|---|---|---|"]
         for method, r in self.detection.items():
             lines.append(f"| {method} | {r['mask_iou']:.3f} | {r['box_iou']:.3f} |")
@@ -143,7 +144,7 @@ def score_run(store: Store, run_id: str, scene: Scene) -> dict:
     for c in checks:
         out["objects"].append(
             {"present": c.present, "colour": c.colour_ok, "region": c.region_ok, "correct": c.correct,
-             "n_objects": len(scene.objects)}
+             "shape": c.correct and c.shape_ok, "n_objects": len(scene.objects)}
         )  # fmt: skip
     return out
 
@@ -196,12 +197,13 @@ def evaluate(
                 word_iou[cls][f"{mask}_best"] = max(word_iou[cls][f"{mask}_daam"], word_iou[cls][f"{mask}_otsu"])
     objs = [o for p in parts for o in p["objects"]]
     objects = {"n": len(objs)}
-    for key in ("present", "colour", "region", "correct"):
+    for key in ("present", "colour", "region", "correct", "shape"):
         objects[key] = float(np.mean([o[key] for o in objs])) if objs else 0.0
     for k in (1, 2, 3):
-        sub = [o["correct"] for o in objs if o["n_objects"] == k]
+        sub = [o for o in objs if o["n_objects"] == k]
         if sub:
-            objects[f"correct_{k}"] = float(np.mean(sub))
+            objects[f"correct_{k}"] = float(np.mean([o["correct"] for o in sub]))
+            objects[f"shape_{k}"] = float(np.mean([o["shape"] for o in sub]))
     detection = {}
     for method in ("DAAM alone", "DAAM + self-attention"):
         rows = [d for p in parts for d in p["detection"] if d["method"] == method]

@@ -9,6 +9,9 @@ anchor lies nearest its centroid. Per requested object the check reports
 - region_ok: a component of the requested colour sits in the named region,
 - correct: all three,
 
+- shape_ok: that component's shape, told by how much of its bounding box it fills (square ~1,
+  circle ~0.79, triangle ~0.5), is the requested one,
+
 plus the predicted mask (the requested colour's components in the named region, else its
 largest component, else the largest component of any colour in the region) for IoU.
 """
@@ -38,6 +41,13 @@ class Component:
     centroid: tuple[float, float]  # (x, y) in pixels
     region: str
 
+    @property
+    def shape(self) -> str:
+        """circle, square or triangle, from the fraction of its bounding box it fills."""
+        ys, xs = np.nonzero(self.mask)
+        fill = self.area / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+        return "triangle" if fill < 0.66 else ("circle" if fill < 0.88 else "square")
+
 
 @dataclass
 class ObjectCheck:
@@ -48,6 +58,7 @@ class ObjectCheck:
     colour_ok: bool
     region_ok: bool
     mask: np.ndarray = field(repr=False)
+    shape_ok: bool = False
 
     @property
     def correct(self) -> bool:
@@ -151,7 +162,8 @@ def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | 
             mask = max(anywhere, key=lambda c: c.area).mask
         else:
             mask = empty
-        checks.append(ObjectCheck(spec, bool(anywhere), bool(same), bool(placed), mask.copy()))
+        shape_ok = any(c.shape == spec.shape for c in placed)
+        checks.append(ObjectCheck(spec, bool(anywhere), bool(same), bool(placed), mask.copy(), shape_ok))
     return checks
 
 

@@ -57,7 +57,7 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
 def test_checker_accepts_the_rendered_scene_and_finds_its_masks():
     for scene in heldout_suite(9, seed=5):
         checks = check_objects(scene.image, parse_caption(scene.caption))
-        assert all(c.correct for c in checks)
+        assert all(c.correct and c.shape_ok for c in checks)
         for c, obj in zip(checks, scene.objects, strict=True):
             assert iou(c.mask, obj.mask) > 0.8
 
@@ -65,6 +65,7 @@ def test_checker_accepts_the_rendered_scene_and_finds_its_masks():
 def test_checker_rejects_wrong_colour_wrong_place_and_blank():
     rng = np.random.default_rng(0)
     scene = render([ObjectSpec("square", "red", "left", "large")], rng)
+    assert not check_objects(scene.image, [ObjectSpec("circle", "red", "left")])[0].shape_ok
     moved = check_objects(scene.image, [ObjectSpec("square", "red", "right")])[0]
     assert moved.colour_ok and not moved.region_ok and not moved.correct
     recoloured = check_objects(scene.image, [ObjectSpec("square", "blue", "left")])[0]
