@@ -30,6 +30,21 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+def _capture_plan(model: object, px: int, steps: int, guidance: float) -> tuple[object, object, list]:
+    """The benchmark prompt's resolved config, its capture plan and the UNet's attention levels."""
+    from pipeline.capture import CapturePlan, plan_grids
+    from pipeline.generate import GenerationConfig, prompt_tokens
+
+    pipe = model.pipe
+    cfg = GenerationConfig("a red circle on the left and a blue square on the right", seed=0, steps=steps,
+                           guidance=guidance, width=px, height=px).resolved(model)  # fmt: skip
+    tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
+    latent = (cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
+    self_grid, step_grid, levels = plan_grids(pipe.unet, latent)
+    keep = tuple(t.token_index for t in tokens if t.has_map)
+    return cfg, CapturePlan(latent, keep, self_grid, step_grid, cfg.guidance > 1, cfg.guidance), levels
+
+
 def capture_overhead(
     model_name: str, layout: str | None, px: int, steps: int, pairs: int, guidance: float, threads: int = 1
 ) -> dict:
@@ -39,8 +54,8 @@ def capture_overhead(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
 
-    from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids
-    from pipeline.generate import GenerationConfig, prompt_tokens, run_pipeline
+    from pipeline.capture import AttentionRecorder, attention_capture
+    from pipeline.generate import run_pipeline
     from pipeline.models import LoadedModel, load_model, module_fingerprint
 
     if layout == "sd15-full":
@@ -49,20 +64,8 @@ def capture_overhead(
     else:
         model = load_model(model_name, device="cpu")
     pipe = model.pipe
-    cfg = GenerationConfig(
-        "a red circle on the left and a blue square on the right",
-        seed=0,
-        steps=steps,
-        guidance=guidance,
-        width=px,
-        height=px,
-    ).resolved(model)
-    tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
-    latent = (cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
-    self_grid, step_grid, levels = plan_grids(pipe.unet, latent)
-    plan = CapturePlan(
-        latent, tuple(t.token_index for t in tokens if t.has_map), self_grid, step_grid, cfg.guidance > 1, cfg.guidance
-    )
+    cfg, plan, levels = _capture_plan(model, px, steps, guidance)
+    self_grid, step_grid = plan.self_grid, plan.step_grid
     plain, traced = [], []
     run_pipeline(model, cfg)  # warm-up
     _reset_peak()
@@ -114,18 +117,14 @@ def capture_profile(model_name: str, px: int, steps: int, guidance: float, runs:
     import torch
 
     from pipeline import capture
-    from pipeline.capture import AttentionRecorder, CapturePlan, attention_capture, plan_grids
-    from pipeline.generate import GenerationConfig, prompt_tokens, run_pipeline
+    from pipeline.capture import AttentionRecorder, attention_capture
+    from pipeline.generate import run_pipeline
     from pipeline.models import load_model
 
     model = load_model(model_name, device="cpu")
     pipe = model.pipe
-    cfg = GenerationConfig("a red circle on the left and a blue square on the right", seed=0, steps=steps,
-                           guidance=guidance, width=px, height=px).resolved(model)  # fmt: skip
-    tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
-    latent = (px // pipe.vae_scale_factor, px // pipe.vae_scale_factor)
-    self_grid, step_grid, _ = plan_grids(pipe.unet, latent)
-    plan = CapturePlan(latent, tuple(t.token_index for t in tokens if t.has_map), self_grid, step_grid, True, guidance)
+    cfg, plan, _ = _capture_plan(model, px, steps, guidance)
+    latent = plan.latent
     spent: dict[str, float] = defaultdict(float)
     probabilities: dict[str, int] = {}
     original = capture.AttentionRecorder._drain

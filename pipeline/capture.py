@@ -252,13 +252,13 @@ class AttentionRecorder:
             return
         if grid == self.plan.self_grid and self.plan.self_grid != self.plan.step_grid:
             if self._self_layer is None:
-                self._self_layer = summed.clone()
+                self._self_layer = summed  # a fresh tensor: the drain keeps no other reference
             else:
                 self._self_layer += summed
             self._self_layer_n += layers
         pooled = pool_attention(summed, grid, self.plan.step_grid)
         if self._self_step is None:
-            self._self_step = pooled.clone() if pooled is summed else pooled
+            self._self_step = pooled
         else:
             self._self_step += pooled
         self._self_step_n += layers

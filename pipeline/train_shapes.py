@@ -654,7 +654,8 @@ class Trainer:
         self.pools = {c: np.nonzero(count == c)[0] for c in (1, 2, 3)}
         self.empty_ids = torch.tensor(self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids)
         self.empty_ids = self.empty_ids.to(self.device)
-        self._position_ids: torch.Tensor | None = None
+        words = [self.tokenizer.encode(w, add_special_tokens=False) for w in scenes.POSITIONS]
+        self._position_ids = torch.tensor([p[0] for p in words if len(p) == 1], device=self.device)
 
     # -- checkpoints
 
@@ -704,9 +705,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.ground_layout_start < 0 or self.state.step < cfg.ground_layout_start:
             return None
-        if self._position_ids is None:
-            words = [self.tokenizer.encode(w, add_special_tokens=False) for w in scenes.POSITIONS]
-            self._position_ids = torch.tensor([p[0] for p in words if len(p) == 1], device=ids.device)
         high = (t.to(ids.device) >= cfg.ground_layout_t).unsqueeze(1)  # (B, 1)
         return ~high | torch.isin(ids, self._position_ids)
 
