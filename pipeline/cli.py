@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=_positive_int, default=20)
     ev.add_argument("--guidance", type=_guidance, help="default: the model's")
     ev.add_argument("--out", help="also write the report as JSON")
+    ev.add_argument("--card", help="also put the table into this model card (its stepx eval section)")
 
     wk = sub.add_parser("worker", parents=[common], help="run queued generation jobs (the dashboard's Generate)")
     wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
@@ -355,7 +356,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, write_report
+    from pipeline.evaluate import evaluate, update_card, write_report
     from pipeline.models import ModelNotFoundError
 
     try:
@@ -365,6 +366,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(report.table())
     if args.out:
         write_report(report, Path(args.out))
+    if args.card:
+        command = f"stepx eval --n {args.n} --steps {args.steps}" + (
+            f" --guidance {args.guidance:g}" if args.guidance is not None else ""
+        )
+        try:
+            update_card(Path(args.card), report, command)
+        except OSError as exc:
+            raise CliError(f"stepx eval: cannot update the model card: {exc}") from None
     return 0
 
 

@@ -213,6 +213,31 @@ def evaluate(
     return EvalReport(model_name, len(scenes), used, steps, word_iou, objects, detection, run_ids)
 
 
+CARD_START = "<!-- stepx eval -->"
+CARD_END = "<!-- /stepx eval -->"
+
+
+def update_card(card: Path, report: EvalReport, command: str) -> None:
+    """Put the report's table into a model card between the stepx eval markers.
+
+    The training export writes the markers with a placeholder, so scores shown in the card are
+    always the ones `stepx eval` measured on the weights beside it. Without markers the section
+    is added before "## Limits" (or at the end).
+    """
+    text = Path(card).read_text(encoding="utf-8")
+    body = f"{CARD_START}\n`{command}`\n\n{report.table()}\n{CARD_END}"
+    if CARD_START in text and CARD_END in text:
+        head, rest = text.split(CARD_START, 1)
+        text = head + body + rest.split(CARD_END, 1)[1]
+    else:
+        section = f"## stepx eval (held-out suite, through StepX's capture and store)\n\n{body}\n\n"
+        at = text.find("## Limits")
+        text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    tmp = Path(card).with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(card)
+
+
 def write_report(report: EvalReport, path: Path) -> None:
     """The report as JSON (the table included)."""
     Path(path).write_text(json.dumps({**report.__dict__, "table": report.table()}, indent=1) + "\n")

@@ -237,6 +237,33 @@ def render(specs: list[ObjectSpec], rng: np.random.Generator, size: int = IMAGE_
     if len(set(positions)) != len(positions):
         raise ValueError("objects must have distinct positions")
     centres, sizes = _place(rng, positions, [s.size for s in specs], size)
+    return _draw(specs, centres, positions, sizes, size)
+
+
+def redraw(scene: Scene, shapes: list[str]) -> Scene:
+    """The same scene (colours, places, sizes, stated words) with each object drawn as a new shape.
+
+    A counterfactual twin for training: it differs from `scene` only where the shapes differ.
+    """
+    if len(shapes) != len(scene.objects):
+        raise ValueError(f"{len(shapes)} shapes for {len(scene.objects)} objects")
+    size = scene.image.shape[0]
+    specs = [
+        ObjectSpec(s, o.spec.colour, o.spec.position, o.spec.size) for s, o in zip(shapes, scene.objects, strict=True)
+    ]
+    return _draw(
+        specs,
+        [o.centre for o in scene.objects],
+        [o.position for o in scene.objects],
+        [o.size for o in scene.objects],
+        size,
+    )
+
+
+def _draw(
+    specs: list[ObjectSpec], centres: list[tuple[float, float]], positions: list[str], sizes: list[str], size: int
+) -> Scene:
+    """Draw placed objects on the background, with their masks and caption."""
     big = size * SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)

@@ -113,6 +113,17 @@ class Config:
     layout_noise_t: int = 950
     layout_noise_start: int = 8811  # -1: never
     ground_layout_start: int = 6470  # -1: never
+    # Shape words: by step 17,674 the model followed colour and place but drew the shape the noise
+    # suggested (same seed, "circle" or "square": the same picture), because the denoising loss
+    # hardly changes between a circle and a square of 12 px. From `shape_contrast_start`,
+    # `shape_contrast_n` samples per step get a counterfactual twin: the same scene redrawn with
+    # other shapes. On one noisy input of the true scene (t >= `shape_contrast_t`), the change in
+    # predicted noise from the true caption to the twin's must equal the change that the twin's
+    # scene implies; the error is taken relative to that change, so every t counts alike.
+    shape_contrast_start: int = 17674  # -1: never
+    shape_contrast_n: int = 8
+    shape_contrast_t: int = 300
+    shape_contrast_weight: float = 0.05
     curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects
     bf16: bool = True
     # bookkeeping
@@ -416,6 +427,22 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
 # ----------------------------------------------------------------------------- stage 2: data
 
 
+def scene_seed(cfg: Config, index: int) -> tuple[int, int]:
+    """(seed, object count) of training scene `index`: the data is a pure function of the config."""
+    return cfg.seed * 1_000_003 + index, 1 + index % 3
+
+
+def shape_twin(scene: scenes.Scene, rng: np.random.Generator) -> scenes.Scene:
+    """The scene with every object redrawn as another shape, never a held-out combination."""
+    shapes = []
+    for obj in scene.objects:
+        options = [
+            s for s in scenes.SHAPES if s != obj.spec.shape and not scenes.is_heldout(obj.spec.colour, s, obj.position)
+        ]
+        shapes.append(str(rng.choice(options)))
+    return scenes.redraw(scene, shapes)
+
+
 def _render_chunk(seeds: list[tuple[int, int]], size: int) -> list[scenes.Scene]:
     """Training scenes for (seed, object count) pairs (a worker process's share of the data)."""
     return [scenes.training_scene(seed, n_objects=k, size=size) for seed, k in seeds]
@@ -447,9 +474,7 @@ def build_data(
     count = torch.zeros(n, dtype=torch.int8)
     chunk = 500
     device = next(vae.parameters()).device
-    seeds = [
-        [(cfg.seed * 1_000_003 + i, 1 + i % 3) for i in range(lo, min(n, lo + chunk))] for lo in range(0, n, chunk)
-    ]
+    seeds = [[scene_seed(cfg, i) for i in range(lo, min(n, lo + chunk))] for lo in range(0, n, chunk)]
     sizes = [cfg.image_size] * len(seeds)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     rendered = pool.map(_render_chunk, seeds, sizes) if pool else map(_render_chunk, seeds, sizes)
@@ -708,6 +733,40 @@ class Trainer:
         high = (t.to(ids.device) >= cfg.ground_layout_t).unsqueeze(1)  # (B, 1)
         return ~high | torch.isin(ids, self._position_ids)
 
+    def _shape_contrast(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """Relative error of the predicted change from a caption to its shape twin's (see Config).
+
+        1.0 when the shape words change nothing, 0.0 when the change is exactly the twin's; None
+        before `shape_contrast_start`.
+        """
+        cfg, st = self.cfg, self.state
+        if cfg.shape_contrast_start < 0 or st.step < cfg.shape_contrast_start or cfg.shape_contrast_n <= 0:
+            return None
+        chosen = [i for i, k in zip(idx.tolist(), keep.tolist(), strict=True) if k][: cfg.shape_contrast_n]
+        if not chosen:
+            return torch.zeros((), device=self.device)
+        rng = np.random.default_rng([cfg.seed, st.step, 47])
+        true = [scenes.training_scene(*scene_seed(cfg, i), size=cfg.image_size) for i in chosen]
+        both = true + [shape_twin(s, rng) for s in true]
+        dev = self.device
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            lat = self.vae.encode(to_tensor_images([s.image for s in both]).to(dev)).latent_dist.mean.float()
+        lat_true, lat_twin = (lat * self.sf).chunk(2)
+        ids = torch.tensor([caption_tokens(self.tokenizer, s.words, cfg.max_length)[0] for s in both], device=dev)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step + 47)
+        t = torch.randint(cfg.shape_contrast_t, 1000, (len(chosen),), generator=gen).to(dev)
+        noise = torch.randn(lat_true.shape, generator=gen).to(dev)
+        noisy = self.sched.add_noise(lat_true, noise, t)
+        a = self.sched.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
+        # Same input, other scene: the noise that explains it changes by -sqrt(a / (1 - a)) dx0.
+        target = -(a / (1 - a)).sqrt() * (lat_true - lat_twin)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            context = self.text(ids)[0]
+            pred = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=context).sample
+        p_true, p_twin = pred.float().chunk(2)
+        err = ((p_true - p_twin - target) ** 2).sum(dim=(1, 2, 3))
+        return (err / ((target**2).sum(dim=(1, 2, 3)) + 1e-3)).mean()
+
     def step(self) -> dict[str, float]:
         """One optimisation step; returns its losses."""
         cfg, st = self.cfg, self.state
@@ -756,6 +815,10 @@ class Trainer:
         )
         self.store.clear()
         loss = denoise + cfg.ground_weight * ground
+        contrast = self._shape_contrast(idx, keep)
+        if contrast is not None:
+            loss = loss + cfg.shape_contrast_weight * contrast
+            stats["shape"] = float(contrast.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text.parameters()], 1.0)
@@ -957,6 +1020,7 @@ def evaluate(
             "colour_ok",
             "region_ok",
             "objects_correct",
+            "shape_ok",
             "miou_daam",
             "miou_otsu",
             "miou_uniform",
@@ -980,6 +1044,7 @@ def evaluate(
                 flags["colour_ok"].append(chk.colour_ok)
                 flags["region_ok"].append(chk.region_ok)
                 flags["objects_correct"].append(chk.correct)
+                flags["shape_ok"].append(chk.correct and chk.shape_ok)
                 tok = next(p for p, (w, o) in zip(starts, scene.words, strict=True) if o == k and w == obj.spec.shape)
                 heat = wmap[tok]
                 ref = chk.mask if chk.correct and chk.mask.any() else obj.mask
@@ -1098,15 +1163,39 @@ def _unet_layout_text(cfg: Config) -> str:
     )
 
 
-def _before_after(evals: list[dict[str, Any]], step: int) -> str:
+@torch.no_grad()
+def vae_shape_kept(vae: AutoencoderKL, n: int = 200) -> float:
+    """Share of objects whose shape the scene check still reads after a VAE round trip."""
+    from pipeline.scene_check import check_objects
+
+    kept = total = 0
+    dev = next(vae.parameters()).device
+    for lo in range(0, n, 50):
+        batch = [scenes.training_scene(100_000 + i, size=vae.config.sample_size) for i in range(lo, min(n, lo + 50))]
+        x = vae.decode(vae.encode(to_tensor_images([s.image for s in batch]).to(dev)).latent_dist.mean).sample
+        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for scene, image in zip(batch, images, strict=True):
+            checks = check_objects(image, [o.spec for o in scene.objects])
+            kept += sum(c.shape_ok for c in checks)
+            total += len(checks)
+    return kept / max(total, 1)
+
+
+def _score(row: dict[str, Any], key: str) -> str:
+    """A score cell, or a dash where an older evaluation did not measure it."""
+    return f"{row[key]:.3f}" if key in row else "-"
+
+
+def _before_after(evals: list[dict[str, Any]], step: int, key: str = "objects_correct") -> str:
     """A sentence comparing the last periodic evaluation before `step` with the latest one."""
-    before = [e for e in evals if e.get("step", 0) < step]
-    if not before or evals[-1].get("step", 0) < step:
+    label = {"objects_correct": "objects correct", "shape_ok": "objects correct and of the right shape"}[key]
+    before = [e for e in evals if e.get("step", 0) < step and key in e]
+    if not before or evals[-1].get("step", 0) < step or key not in evals[-1]:
         return ""
     a, b = before[-1], evals[-1]
     return (
-        f"  In the periodic evaluation, objects correct went from {a['objects_correct']:.2f} (step {a['step']})"
-        f" to {b['objects_correct']:.2f} (step {b['step']}).\n"
+        f"  In the periodic evaluation, {label} went from {a[key]:.2f} (step {a['step']})"
+        f" to {b[key]:.2f} (step {b['step']}).\n"
     )
 
 
@@ -1120,17 +1209,21 @@ def write_card(
     size_mb: float,
 ) -> None:
     """The README.md model card: data, recipe, training time, hardware, scores."""
+    from pipeline.evaluate import CARD_END, CARD_START
+
     st = trainer.state
     vae_blob = torch.load(trainer.work / "vae.pt", weights_only=False, map_location="cpu")
     rows = "\n".join(
         f"| {r['guidance']} | {r['objects_correct']:.3f} | {r['present']:.3f} | "
-        f"{r['colour_ok']:.3f} | {r['region_ok']:.3f} | {r['blank']:.3f} | "
+        f"{r['colour_ok']:.3f} | {r['region_ok']:.3f} | {_score(r, 'shape_ok')} | {r['blank']:.3f} | "
         f"{r['miou_daam']:.3f} | {r['miou_otsu']:.3f} | {r['miou_uniform']:.3f} |"
         for r in sweep
     )
     held = "\n".join(f"- {c} {s} at {p}" for c, s, p in scenes.HELDOUT)
     history = "\n".join(
-        f"| {e['step']} | {e['objects_correct']:.3f} | {e['miou_daam']:.3f} | {e['miou_otsu']:.3f} |" for e in st.evals
+        f"| {e['step']} | {e['objects_correct']:.3f} | {_score(e, 'shape_ok')} | {e['miou_daam']:.3f} "
+        f"| {e['miou_otsu']:.3f} |"
+        for e in st.evals
     )
     own_text = (
         "an ownership loss (per pixel inside object k, cross-entropy of the share of its object-word"
@@ -1175,6 +1268,19 @@ def write_card(
   pure noise (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024).
 {_before_after(st.evals, cfg.layout_noise_start)}"""
         if cfg.layout_noise_start >= 0
+        else ""
+    )
+    shape_text = (
+        f"""- Shape words (from step {cfg.shape_contrast_start}): until then the model drew the shape the noise
+  suggested (for one seed, "a red circle" and "a red square" gave the same picture): a circle and a
+  square of 12 px differ in a few corner pixels, which the denoising loss barely sees. Each step,
+  {cfg.shape_contrast_n} samples get a counterfactual twin, the same scene redrawn with other shapes
+  (`scenes.redraw`); on one noisy input of the true scene at t >= {cfg.shape_contrast_t}, the change in
+  predicted noise from the true caption to the twin's must equal the change the twin's scene implies,
+  -sqrt(a / (1 - a)) (x0 - x0_twin). The error is relative to that change (1: the shape words change
+  nothing), weighted {cfg.shape_contrast_weight}.
+{_before_after(st.evals, cfg.shape_contrast_start, "shape_ok")}"""
+        if cfg.shape_contrast_start >= 0
         else ""
     )
     text = f"""---
@@ -1238,7 +1344,7 @@ them, with ground-truth masks from the renderer.
   Plain denoising alone did not learn layout or localised word maps within an affordable CPU
   budget (probe: word maps at the uniform baseline after ~5k steps), because a causal text
   encoder cannot put position into colour and shape tokens and most attention went to padding.
-{noise_text}
+{noise_text}{shape_text}
 ## Training
 
 {st.step} steps, {st.train_seconds / 3600:.2f} h of training on {cpu_name()}
@@ -1249,14 +1355,15 @@ from (seed, step), so resumed runs follow the same sequence.
 ## Scores (held-out suite, 48 prompts, EMA weights, 20 DPM-Solver++ steps)
 
 Objects correct = present + right colour + right region, judged by colour segmentation
-(`pipeline/scene_check.py`). Word maps: shape-noun token, heads averaged, each UNet level
+(`pipeline/scene_check.py`); "+ shape": correct and of the right shape, by how much of its bounding
+box the object fills. Word maps: shape-noun token, heads averaged, each UNet level
 bicubic-upsampled to the latent grid, clamped at 0, averaged over levels, summed over steps,
 upsampled to the image; thresholded at 0.4 of max (DAAM) or by Otsu; IoU against the object's
 segmented mask in the output (the rendered ground truth where the object is missing). The
 uniform baseline is a constant map.
 
-| guidance | objects correct | present | colour | region | blank | mIoU 0.4max | mIoU Otsu | mIoU uniform |
-|---|---|---|---|---|---|---|---|---|
+| guidance | objects correct | present | colour | region | + shape | blank | mIoU 0.4max | mIoU Otsu | mIoU uniform |
+|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Generation of "a red circle on the left and a blue square on the right" ({timing["steps"]} steps,
@@ -1265,14 +1372,22 @@ guidance {guidance}, {cfg.image_size} px, CPU, {timing["threads"]} threads): {ti
 
 ### Evaluation during training (24 prompts, guidance {cfg.eval_guidance})
 
-| step | objects correct | mIoU 0.4max | mIoU Otsu |
-|---|---|---|---|
+| step | objects correct | and right shape | mIoU 0.4max | mIoU Otsu |
+|---|---|---|---|---|
 {history}
+
+## stepx eval (held-out suite, through StepX's capture and store)
+
+{CARD_START}
+Not run yet for these weights: `stepx eval --n 30 --card {out / "README.md"}` puts its table here.
+{CARD_END}
 
 ## Limits
 
 Only the vocabulary above is understood; other words are ignored or confuse the model.
-Images are 64 x 64 px.
+Images are 64 x 64 px. Shapes are judged by how much of their bounding box they fill; at 64 px
+with a 4x VAE a small object is 3 latent cells wide, and the VAE alone keeps the shape of
+{vae_shape_kept(trainer.vae):.0%} of objects (200 training scenes encoded and decoded).
 """
     (out / "README.md").write_text(text, encoding="utf-8")
 

@@ -54,6 +54,34 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
         assert all(o.spec.position is not None for o in s.objects)
 
 
+def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combination():
+    from pipeline.train_shapes import shape_twin
+
+    rng = np.random.default_rng(0)
+    for seed in range(150):
+        scene = training_scene(seed)
+        same = scenes.redraw(scene, [o.spec.shape for o in scene.objects])
+        assert np.array_equal(same.image, scene.image) and same.caption == scene.caption
+        twin = shape_twin(scene, rng)
+        assert len(twin.words) == len(scene.words)
+        for (
+            (w, k),
+            (tw, tk),
+        ) in zip(scene.words, twin.words, strict=True):
+            assert k == tk and (w == tw) == (w not in scenes.SHAPES)
+        union = np.zeros(scene.image.shape[:2], dtype=bool)
+        for obj, new in zip(scene.objects, twin.objects, strict=True):
+            assert new.spec.shape != obj.spec.shape
+            assert (new.spec.colour, new.position, new.size, new.centre) == (
+                obj.spec.colour, obj.position, obj.size, obj.centre)  # fmt: skip
+            assert (new.spec.colour, new.spec.shape, new.position) not in HELDOUT
+            x0, y0, x1, y1 = obj.bbox  # the same box for every shape, antialiased edges included
+            union[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = True
+        changed = np.abs(twin.image.astype(int) - scene.image.astype(int)).max(axis=2) > 0
+        assert changed.any() and not (changed & ~union).any()
+        assert all(c.shape_ok for c in check_objects(twin.image, parse_caption(twin.caption)))
+
+
 def test_checker_accepts_the_rendered_scene_and_finds_its_masks():
     for scene in heldout_suite(9, seed=5):
         checks = check_objects(scene.image, parse_caption(scene.caption))

@@ -27,6 +27,8 @@ MINI = Config(
     ground_layout_start=0,
     layout_noise_start=0,
     layout_noise_p=0.5,
+    shape_contrast_start=0,
+    shape_contrast_n=2,
     eval_prompts=2,
     eval_steps=2,
 )
@@ -48,6 +50,7 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     assert trainer.state.step == 3 and (work / "ckpt.pt").is_file()
     losses = trainer.step()
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()) and 0 < losses["mass_in"] <= 1
+    assert losses["shape"] > 0  # the shape-twin term ran (an untrained model explains no shape change)
     trainer.save()
 
     resumed = Trainer(MINI, work, log)  # the VAE and data come back from the work folder
