@@ -71,7 +71,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "StepX shapes (embedded, trained on drawn scenes)",
             size=64,
             steps=20,
-            guidance=3.0,
+            guidance=1.5,  # the model card's guidance_scale, picked by the export's sweep
             builtin="embedded",
             note="ships with StepX under data/models/shapes",
         ),

@@ -120,6 +120,7 @@ class Config:
     # other shapes. On one noisy input of the true scene (t >= `shape_contrast_t`), the change in
     # predicted noise from the true caption to the twin's must equal the change that the twin's
     # scene implies; the error is taken relative to that change, so every t counts alike.
+    # (Shipped run: right shape 0.38 at step 17,674 -> 0.83 at 21,789; objects correct kept at 1.0.)
     shape_contrast_start: int = 17674  # -1: never
     shape_contrast_n: int = 8
     shape_contrast_t: int = 300
@@ -854,6 +855,8 @@ class Trainer:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if st.step > 0 and (not st.evals or st.evals[-1].get("step") != st.step):
+            self.evaluate_and_log()  # where a resumed session starts, for before/after comparisons
         start = time.time()
         last_ckpt = last_eval = time.time()
         window: list[dict[str, float]] = []
@@ -1129,7 +1132,11 @@ def export(trainer: Trainer, out: Path, log: Logger, final_eval: bool = True) ->
             sweep.append(res)
             log("export eval " + json.dumps(res))
     # most objects correct; ties go to the sharper word maps
-    best = max(sweep, key=lambda r: (r["objects_correct"], max(r["miou_daam"], r["miou_otsu"]))) if sweep else None
+    best = (
+        max(sweep, key=lambda r: (r["objects_correct"], r.get("shape_ok", 0.0), max(r["miou_daam"], r["miou_otsu"])))
+        if sweep
+        else None
+    )
     guidance = best["guidance"] if best else cfg.eval_guidance
     timing = time_generation(out, guidance, sample_path=trainer.work / "sample.png")
     log(f"export: generation timing {json.dumps(timing)}")
@@ -1189,8 +1196,8 @@ def _score(row: dict[str, Any], key: str) -> str:
 def _before_after(evals: list[dict[str, Any]], step: int, key: str = "objects_correct") -> str:
     """A sentence comparing the last periodic evaluation before `step` with the latest one."""
     label = {"objects_correct": "objects correct", "shape_ok": "objects correct and of the right shape"}[key]
-    before = [e for e in evals if e.get("step", 0) < step and key in e]
-    if not before or evals[-1].get("step", 0) < step or key not in evals[-1]:
+    before = [e for e in evals if e.get("step", 0) <= step and key in e]  # at `step`: not trained yet
+    if not before or evals[-1].get("step", 0) <= step or key not in evals[-1]:
         return ""
     a, b = before[-1], evals[-1]
     return (
@@ -1299,8 +1306,8 @@ in this repository by `python -m pipeline.train_shapes` on procedurally drawn sc
 masks are known. It exists so StepX can show cross-attention word maps without downloading
 pretrained weights. {cfg.image_size} x {cfg.image_size} px, {size_mb:.1f} MB.
 
-**Default guidance scale: {guidance}** (best objects-correct rate in the sweep below, ties broken by
-word-map mIoU), 20 steps.
+**Default guidance scale: {guidance}** (best objects-correct rate in the sweep below, ties broken by the
+right-shape rate, then by word-map mIoU), 20 steps.
 
 ## Data
 

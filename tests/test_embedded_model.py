@@ -28,11 +28,23 @@ def test_weights_load_offline_as_sd_pipeline():
     assert size < 50 * 1024 * 1024
 
 
+def test_registry_defaults_are_the_model_cards():
+    card = (EMBEDDED_DIR / "README.md").read_text()
+    front = dict(line.split(": ", 1) for line in card.split("---")[1].strip().splitlines())
+    spec = REGISTRY["shapes"]
+    assert float(front["guidance_scale"]) == spec.guidance and int(front["num_inference_steps"]) == spec.steps
+    assert int(front["resolution"]) == spec.size
+
+
 def test_reference_image_reproduces():
     from pipeline.reference import REFERENCE, render_reference
+    from pipeline.scene_check import check_objects
+    from pipeline.scenes import parse_caption
 
     assert json.loads((EMBEDDED_DIR / "reference.json").read_text()) == REFERENCE
     expected = np.asarray(Image.open(EMBEDDED_DIR / "reference.png").convert("RGB"), dtype=np.float32)
     got = np.asarray(render_reference(), dtype=np.float32)
     assert got.shape == expected.shape
     assert np.abs(got - expected).mean() < 3.0  # of 255: CPU kernels may differ slightly between machines
+    checks = check_objects(got.astype(np.uint8), parse_caption(REFERENCE["prompt"]))
+    assert [(c.spec.shape, c.correct, c.shape_ok) for c in checks] == [("circle", True, True), ("square", True, True)]
