@@ -26,6 +26,7 @@ from skimage.filters import threshold_otsu
 from analysis.detection import detect, guided_map, mask_iou
 from analysis.heatmaps import daam_threshold, upsample
 from analysis.store import Store
+from pipeline.index import write_atomic
 from pipeline.scene_check import check_objects
 from pipeline.scenes import COLOURS, POSITIONS, SHAPES, Scene, heldout_suite, parse_caption
 
@@ -144,7 +145,7 @@ def score_run(store: Store, run_id: str, scene: Scene) -> dict:
     for c in checks:
         out["objects"].append(
             {"present": c.present, "colour": c.colour_ok, "region": c.region_ok, "correct": c.correct,
-             "shape": c.correct and c.shape_ok, "n_objects": len(scene.objects)}
+             "shape": c.correct_shape, "n_objects": len(scene.objects)}
         )  # fmt: skip
     return out
 
@@ -233,9 +234,7 @@ def update_card(card: Path, report: EvalReport, command: str) -> None:
         section = f"## stepx eval (held-out suite, through StepX's capture and store)\n\n{body}\n\n"
         at = text.find("## Limits")
         text = text[:at] + section + text[at:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
-    tmp = Path(card).with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(card)
+    write_atomic(Path(card), text.encode("utf-8"))
 
 
 def write_report(report: EvalReport, path: Path) -> None:

@@ -77,7 +77,8 @@ def read_manifest(root: Path) -> Manifest:
         return Manifest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a temporary name, fsync them, then rename into place (readers never see half)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -195,7 +196,7 @@ def update_index(root: Path) -> list[str]:
         added = _append(root, m, new) if new else []
         if new:
             _cleanup(root, m)
-            _write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
+            write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
         return added
 
 
@@ -223,7 +224,7 @@ def rebuild_index(root: Path) -> RebuildReport:
             _append(root, m, run_ids[i : i + chunk])
         removed = clean_tmp(root)
         _cleanup(root, m)
-        _write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
+        write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
     return RebuildReport(len(m.run_ids), dict(m.bad_runs), removed, time.perf_counter() - t0)
 
 

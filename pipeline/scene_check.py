@@ -61,6 +61,11 @@ class ObjectCheck:
     shape_ok: bool = False
 
     @property
+    def correct_shape(self) -> bool:
+        """Correct and of the requested shape."""
+        return self.correct and self.shape_ok
+
+    @property
     def correct(self) -> bool:
         """Present, of the right colour, in the right region."""
         return self.present and self.colour_ok and self.region_ok

@@ -750,6 +750,8 @@ class Trainer:
         true = [scenes.training_scene(*scene_seed(cfg, i), size=cfg.image_size) for i in chosen]
         both = true + [shape_twin(s, rng) for s in true]
         dev = self.device
+        # The true scene is encoded again beside its twin (not read from the data) so that pixels
+        # the twin leaves alone encode identically and the target holds only the shape change.
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lat = self.vae.encode(to_tensor_images([s.image for s in both]).to(dev)).latent_dist.mean.float()
         lat_true, lat_twin = (lat * self.sf).chunk(2)
@@ -1047,7 +1049,7 @@ def evaluate(
                 flags["colour_ok"].append(chk.colour_ok)
                 flags["region_ok"].append(chk.region_ok)
                 flags["objects_correct"].append(chk.correct)
-                flags["shape_ok"].append(chk.correct and chk.shape_ok)
+                flags["shape_ok"].append(chk.correct_shape)
                 tok = next(p for p, (w, o) in zip(starts, scene.words, strict=True) if o == k and w == obj.spec.shape)
                 heat = wmap[tok]
                 ref = chk.mask if chk.correct and chk.mask.any() else obj.mask

@@ -64,10 +64,7 @@ def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combina
         assert np.array_equal(same.image, scene.image) and same.caption == scene.caption
         twin = shape_twin(scene, rng)
         assert len(twin.words) == len(scene.words)
-        for (
-            (w, k),
-            (tw, tk),
-        ) in zip(scene.words, twin.words, strict=True):
+        for (w, k), (tw, tk) in zip(scene.words, twin.words, strict=True):
             assert k == tk and (w == tw) == (w not in scenes.SHAPES)
         union = np.zeros(scene.image.shape[:2], dtype=bool)
         for obj, new in zip(scene.objects, twin.objects, strict=True):
