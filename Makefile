@@ -35,7 +35,7 @@ bench: setup
 # Train (or resume training) the embedded model, export it and its reference image.
 model: setup
 	$(BIN)/stepx train-shapes --resume
-	$(BIN)/python -m pipeline.reference
+	$(BIN)/python -m shapes.reference
 
 PORT ?= 8501
 

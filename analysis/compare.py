@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from analysis.store import Store
+from store import Store
 
 CURVES_SQL = """
 SELECT run_id, step_index, word, avg(mass) AS mass, max(peak) AS peak,

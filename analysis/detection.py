@@ -13,7 +13,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 from skimage.measure import approximate_polygon, find_contours, label, regionprops
 
-from analysis.heatmaps import upsample
+from schema.maps import upsample
 
 
 @dataclass

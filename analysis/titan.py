@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from analysis.detection import Detection, detect, guided_map
-from analysis.store import Store
+from store import Store
 
 # Nouns that name a place in the picture rather than an object in it.
 SPATIAL_NOUNS = {"top", "bottom", "left", "right", "center", "centre", "middle", "side", "corner", "background",

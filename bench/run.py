@@ -275,7 +275,7 @@ def trace_bytes(model_name: str) -> dict:
 
 def projected_sd15_bytes() -> dict:
     """A synthetic trace with SD 1.5 geometry (512 px, 50 steps, 12 prompt tokens) through the real writer."""
-    from pipeline.synth import synth_trace
+    from jobs.synth import synth_trace
     from pipeline.trace_writer import build_tables, write_tables
 
     store = TMP / "sd15-projection"
@@ -294,8 +294,8 @@ def projected_sd15_bytes() -> dict:
 
 def lookup_latency(n_runs: int, lookups: int = 300) -> dict:
     """Word-map lookups (random run, word, step; cold per-run cache) on a synthetic store."""
-    from analysis.store import GLOBAL, Store
-    from pipeline.synth import synth_store
+    from jobs.synth import synth_store
+    from store import GLOBAL, Store
 
     store_dir = TMP / f"synth-{n_runs}"
     marker = store_dir / ".complete"
@@ -331,8 +331,8 @@ def dashboard_timings(store_dir: Path, run_id: str, moves: int = 20) -> dict:
 
     from streamlit.testing.v1 import AppTest
 
-    from analysis.store import Store
     from dashboard.export import export_all
+    from store import Store
 
     os.environ["STEPX_STORE"] = str(store_dir)
     at = AppTest.from_file(str(HERE.parent / "dashboard" / "views" / "inspect.py"), default_timeout=120)
@@ -363,7 +363,7 @@ def region_timings(store_dir: Path, run_id: str, repeats: int = 50) -> dict:
     """Region query latency on a stored run (read + dequantise + rows mean, cold and warm), and the
     diffused heatmap with 20 iterations on a 1024x1024 self-attention matrix."""
     from analysis.regions import bbox_cells, diffuse, region_map
-    from analysis.store import Store
+    from store import Store
 
     cold, warm = [], []
     for _ in range(repeats):
@@ -402,7 +402,7 @@ FROM word_step_stats GROUP BY word, level ORDER BY mass DESC"""
 
 def sql_aggregate(n_runs: int, repeats: int = 5) -> dict:
     """An aggregate over word_step_stats on a synthetic store (cold first query, then warm)."""
-    from analysis.store import Store
+    from store import Store
 
     store_dir = TMP / f"synth-{n_runs}"
     t0 = time.perf_counter()
@@ -425,27 +425,27 @@ def queue_latency(jobs_n: int = 3) -> dict:
     import subprocess
     import sys
 
-    from schema import jobs
+    from jobs import queue
 
     store = TMP / "queue"
     shutil.rmtree(store, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--store", str(store), "--poll", "0.2"],
+    worker = subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.2"],
                               cwd=HERE.parent, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         request = {"prompt": "a red circle", "model": "tiny-random", "seed": 0, "steps": 3, "guidance": 3.0,
                    "width": 64, "height": 64}  # fmt: skip
-        warm = jobs.submit(store, request)  # loads the model
-        while (j := jobs.get(store, warm)).status not in ("done", "failed"):
+        warm = queue.submit(store, request)  # loads the model
+        while (j := queue.get(store, warm)).status not in ("done", "failed"):
             time.sleep(0.05)
         latencies = []
         for _ in range(jobs_n):
             t0 = time.time()
-            job_id = jobs.submit(store, request)
-            while (j := jobs.get(store, job_id)).step < 1 and j.status not in ("done", "failed"):
+            job_id = queue.submit(store, request)
+            while (j := queue.get(store, job_id)).step < 1 and j.status not in ("done", "failed"):
                 time.sleep(0.01)
             latencies.append(time.time() - t0)
-            while jobs.get(store, job_id).status not in ("done", "failed"):
+            while queue.get(store, job_id).status not in ("done", "failed"):
                 time.sleep(0.05)
     finally:
         worker.terminate()

@@ -11,8 +11,8 @@ import zipfile
 
 import numpy as np
 
-from analysis.store import Store
 from dashboard.render import decode, gif_bytes, overlay, png_bytes
+from store import Store
 
 
 def _slug(text: str) -> str:

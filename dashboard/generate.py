@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.state import generators, select_run, store_path
-from schema import jobs
+from jobs import queue
 
 
 @dataclass
@@ -38,7 +38,7 @@ def default_model(entries: list[dict]) -> tuple[str, str]:
 
 def submit(req: GenerateRequest) -> int:
     """Queue a request; remember it for this browser session."""
-    job_id = jobs.submit(Path(store_path()), asdict(req))
+    job_id = queue.submit(Path(store_path()), asdict(req))
     st.session_state.setdefault("my_jobs", []).append(job_id)
     return job_id
 
@@ -83,11 +83,11 @@ def job_status() -> None:
     if not mine:
         return
     store = Path(store_path())
-    if jobs.live_worker(store) is None:
+    if queue.live_worker(store) is None:
         st.warning("No worker is running, so jobs wait in the queue: start one with `stepx worker` "
                    "(`make demo` starts one).")  # fmt: skip
     for job_id in reversed(mine[-5:]):
-        job = jobs.get(store, job_id)
+        job = queue.get(store, job_id)
         if job is None:
             continue
         label = f"Job {job.job_id}: {job.request['prompt'][:60]}"

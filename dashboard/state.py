@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.store import Store, StoreError
 from schema import SchemaVersionError
 from schema.layout import store_root
+from store import Store, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def image_bytes(root: str, run_id: str, step: int | None) -> bytes:
 def models() -> list[dict]:
     """The model registry with availability, asked of the pipeline's CLI (no torch import here)."""
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "models", "--format", "json"],
+        [sys.executable, "-m", "stepx.cli", "models", "--format", "json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -10,7 +10,6 @@ then renamed). Post-processing resizes with torch: transformers' own needs torch
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 from dataclasses import dataclass
@@ -149,12 +148,3 @@ def write_depth(root: Path, run_id: str, depth_map: np.ndarray, model_id: str, k
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, final)
     return final
-
-
-def depth_for_run(root: Path, run_id: str, depth: DepthModel) -> Path:
-    """Estimate and store the depth of a stored run's final image."""
-    from analysis.store import Store
-
-    data, _ = Store(root).image(run_id)
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    return write_depth(root, run_id, estimate_depth(depth, image), depth.model_id, depth.spec.kind)

@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.heatmaps import aggregate_levels
-from analysis.stats import STAT_NAMES, map_stats
 from pipeline.index import update_index
 from pipeline.trace import TokenInfo, Trace, encode_image
 from schema import RUN_FILES, TABLES, file_metadata
 from schema.layout import run_dir, runs_dir, tmp_dir
+from schema.maps import aggregate_levels
+from schema.stats import STAT_NAMES, map_stats
 
 GLOBAL_WORD_INDEX = -1
 GLOBAL_WORD = "<global>"

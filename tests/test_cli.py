@@ -18,7 +18,7 @@ def stepx(*args: str, store: Path | None = None, timeout: int = 300) -> subproce
     if store is not None:
         env["STEPX_STORE"] = str(store)
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "stepx.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

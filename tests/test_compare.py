@@ -7,8 +7,8 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from analysis.compare import has_word, related_runs, word_curves, word_table
-from analysis.store import Store
-from pipeline.synth import synth_store
+from jobs.synth import synth_store
+from store import Store
 
 VIEW = str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "compare.py")
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.store import GLOBAL, Store
 from dashboard.export import export_all
+from store import GLOBAL, Store
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 

@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from analysis.detection import detect, guided_map
 from analysis.regions import region_map
-from analysis.store import Store
+from store import Store
 
 PAGES = Path(__file__).resolve().parent.parent / "dashboard" / "views"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from analysis.detection import detect, guided_map, mask_iou, resample, threshold_value
-from analysis.store import Store
 from analysis.titan import coco_for_runs, prompt_objects
-from pipeline.synth import synth_store
+from jobs.synth import synth_store
+from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_coco_json_valid_for_gallery(tmp_path):
     store = Store(tmp_path)
     out = tmp_path / "coco.json"
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "annotate", "--gallery", "synthetic", "--out", str(out),
+        [sys.executable, "-m", "stepx.cli", "annotate", "--gallery", "synthetic", "--out", str(out),
          "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -99,7 +99,7 @@ def test_coco_json_valid_for_gallery(tmp_path):
 
 def test_annotate_cli_errors(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "annotate", "--gallery", "nope", "--out", str(tmp_path / "x.json"),
+        [sys.executable, "-m", "stepx.cli", "annotate", "--gallery", "nope", "--out", str(tmp_path / "x.json"),
          "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 1 and "no runs in gallery 'nope'" in res.stderr and "Traceback" not in res.stderr

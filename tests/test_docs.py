@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import COMMANDS
 from schema.docs import markdown
+from stepx.cli import COMMANDS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -37,9 +37,9 @@ def test_registry_defaults_are_the_model_cards():
 
 
 def test_reference_image_reproduces():
-    from pipeline.reference import REFERENCE, render_reference
-    from pipeline.scene_check import check_objects
-    from pipeline.scenes import parse_caption
+    from shapes.check import check_objects
+    from shapes.reference import REFERENCE, render_reference
+    from shapes.scenes import parse_caption
 
     assert json.loads((EMBEDDED_DIR / "reference.json").read_text()) == REFERENCE
     expected = np.asarray(Image.open(EMBEDDED_DIR / "reference.png").convert("RGB"), dtype=np.float32)

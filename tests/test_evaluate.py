@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from analysis.store import Store
-from pipeline.cli import main
-from pipeline.evaluate import WORD_CLASSES
 from pipeline.models import EMBEDDED_DIR
-from pipeline.scenes import heldout_suite
+from shapes.evaluate import WORD_CLASSES
+from shapes.scenes import heldout_suite
+from stepx.cli import main
+from store import Store
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").is_file(), reason="no embedded model")
 
@@ -48,7 +48,7 @@ def test_stepx_eval_scores_every_owned_word_and_object(tmp_path, capsys):
 
 
 def test_the_eval_section_is_added_to_a_card_without_one_and_replaced_in_place(tmp_path):
-    from pipeline.evaluate import EvalReport, update_card
+    from shapes.evaluate import EvalReport, update_card
 
     def report(correct: float) -> EvalReport:
         objects = {"n": 2, "present": 1.0, "colour": 1.0, "region": 1.0, "correct": correct, "shape": 0.5}

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analysis.heatmaps import aggregate_levels, daam_threshold, normalize_for_display, upsample
-from analysis.stats import map_stats
+from schema.maps import aggregate_levels, daam_threshold, normalize_for_display, upsample
+from schema.stats import map_stats
 
 
 def test_upsample_matches_torch_bicubic_clamped():

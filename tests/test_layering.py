@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_read_side_imports_no_torch():
     code = (
-        "import sys, analysis.store, analysis.sql, analysis.heatmaps, pipeline.index, pipeline.trace_writer, "
-        "pipeline.synth, dashboard.render, dashboard.export; "
+        "import sys, store, store.sql, schema.maps, pipeline.index, pipeline.trace_writer, "
+        "jobs.synth, dashboard.render, dashboard.export; "
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -16,14 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.store import Store
 from dashboard.export import export_all
-from pipeline.depth import depth_for_run, load_depth_model, tiny_zoedepth
+from jobs.depth import depth_for_run
+from pipeline.depth import load_depth_model, tiny_zoedepth
 from pipeline.generate import GenerationConfig, generate_trace, run_pipeline
 from pipeline.models import REGISTRY, load_model
 from pipeline.tiny import build_tiny_pipeline
 from pipeline.trace_writer import write_trace
 from schema import TABLES
+from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -90,10 +91,10 @@ def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monke
     at.run()
     assert not at.exception
     assert any("depth model's weights are not on this machine" in i.value for i in at.info)
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "depth", other, "--store", str(root)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root)], cwd=ROOT,
                          capture_output=True, text=True, env={**__import__("os").environ})  # fmt: skip
     assert res.returncode == 1 and "Intel/zoedepth-nyu-kitti not found" in res.stderr and "Traceback" not in res.stderr
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "depth", other, "--store", str(root),
+    res = subprocess.run([sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root),
                           "--depth-path", str(folder)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert Store(root).depth(other)[0].shape == (64, 64)

@@ -20,11 +20,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.regions import RegionInputError, parse_bbox, parse_indices, parse_polygon
-from analysis.store import GLOBAL, RunDataMissing, Store
-from pipeline.cli import main
+from jobs.synth import synth_store
 from pipeline.index import list_run_dirs, rebuild_index
-from pipeline.synth import synth_store
 from schema import RUN_FILES
+from stepx.cli import main
+from store import GLOBAL, RunDataMissing, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ WRITER = textwrap.dedent(
     from datetime import UTC, datetime, timedelta
     from pathlib import Path
     import numpy as np
-    from pipeline.synth import synth_trace
+    from jobs.synth import synth_trace
     from pipeline.trace_writer import build_tables, write_tables
     rng = np.random.default_rng(int(sys.argv[2]))
     print("ready", flush=True)
@@ -79,7 +79,7 @@ def test_writer_killed_at_random_points_never_shows_half_a_run(tmp_path):
 READER = textwrap.dedent(
     """
     import sys, time
-    from analysis.store import GLOBAL, Store
+    from store import GLOBAL, Store
     store = Store(sys.argv[1])
     deadline = time.time() + float(sys.argv[2])
     reads = 0
@@ -207,7 +207,7 @@ def test_over_100_malformed_inputs_get_clear_messages(tmp_path, monkeypatch):
 def test_prompt_edge_cases_generate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for prompt in ("word " * 500, "a 🙂 and a 🐱 on the left", "ünïcödé café"):
-        res = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", prompt, "--model", "tiny-random",
+        res = subprocess.run([sys.executable, "-m", "stepx.cli", "generate", prompt, "--model", "tiny-random",
                               "--steps", "2", "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                              env=env)  # fmt: skip
         assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

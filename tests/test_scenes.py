@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import scenes
-from pipeline.scene_check import check_objects, find_components, iou
-from pipeline.scenes import HELDOUT, ObjectSpec, heldout_suite, parse_caption, render, training_scene
+from shapes import scenes
+from shapes.check import check_objects, find_components, iou
+from shapes.scenes import HELDOUT, ObjectSpec, heldout_suite, parse_caption, render, training_scene
 
 
 def test_caption_round_trips_through_the_parser():
@@ -55,7 +55,7 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
 
 
 def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combination():
-    from pipeline.train_shapes import shape_twin
+    from shapes.train import shape_twin
 
     rng = np.random.default_rng(0)
     for seed in range(150):
@@ -102,7 +102,7 @@ def test_checker_rejects_wrong_colour_wrong_place_and_blank():
 
 
 def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
-    from pipeline.train_shapes import Config, grounding_loss
+    from shapes.train import Config, grounding_loss
 
     cfg = Config()
     masks = torch.zeros(1, 3, 4, 4)
@@ -132,7 +132,7 @@ def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
 
 
 def test_grounding_at_high_noise_can_be_limited_to_position_words():
-    from pipeline.train_shapes import Config, grounding_loss
+    from shapes.train import Config, grounding_loss
 
     cfg = Config()
     masks = torch.zeros(1, 3, 4, 4)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.sql import EXAMPLES
-from analysis.store import QueryError, Store
-from pipeline.synth import synth_store
+from jobs.synth import synth_store
+from store import QueryError, Store
+from store.sql import EXAMPLES
 
 HOSTILE = [
     "SELECT * FROM read_csv('/etc/passwd')",

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from analysis.heatmaps import aggregate_levels
-from analysis.store import GLOBAL, RunDataMissing, RunNotFound, Store, WordNotFound
+from jobs.synth import synth_store
 from pipeline.index import rebuild_index, update_index
-from pipeline.synth import synth_store
 from schema import SCHEMA_VERSION, SchemaVersionError
+from schema.maps import aggregate_levels
+from store import GLOBAL, RunDataMissing, RunNotFound, Store, WordNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,7 +162,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from pipeline.synth import synth_trace
+    from jobs.synth import synth_trace
     from pipeline.trace_writer import build_tables, write_tables
     import numpy as np
     from datetime import datetime, timedelta, UTC

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import train_shapes
-from pipeline.train_shapes import Config, Logger, Trainer, export
+from shapes import train as train_shapes
+from shapes.train import Config, Logger, Trainer, export
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
 def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
     from dataclasses import replace
 
-    from pipeline.train_shapes import build_data, make_tokenizer, make_vae
+    from shapes.train import build_data, make_tokenizer, make_vae
 
     cfg = replace(MINI, n_scenes=1001)  # three chunks of up to 500 scenes
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.store import Store
-from schema import jobs
+from jobs import queue
+from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def start_worker(store: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPX_STORE": str(store)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--poll", "0.2", *extra], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--poll", "0.2", *extra], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
 
 
@@ -43,22 +43,22 @@ def request(prompt: str, steps: int, model: str = "tiny-random") -> dict:
 
 def test_worker_runs_jobs_and_fails_fast_without_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    ok = jobs.submit(tmp_path, request("a red circle", 3))
-    missing = jobs.submit(tmp_path, request("a red circle", 3, model="sd15"))
+    ok = queue.submit(tmp_path, request("a red circle", 3))
+    missing = queue.submit(tmp_path, request("a red circle", 3, model="sd15"))
     env_worker = start_worker(tmp_path, "--once")
     assert env_worker.wait(300) == 0, env_worker.stderr.read().decode()
-    done, failed = jobs.get(tmp_path, ok), jobs.get(tmp_path, missing)
+    done, failed = queue.get(tmp_path, ok), queue.get(tmp_path, missing)
     assert done.status == "done" and done.step == 3 and Store(tmp_path).run(done.run_id)["prompt"] == "a red circle"
     assert failed.status == "failed" and "not found in the Hugging Face cache" in failed.error
     assert failed.finished_at - failed.started_at < 5  # fails fast, before any model loads
 
 
 def test_worker_killed_mid_job_leaves_no_run_and_retries_once(tmp_path):
-    job_id = jobs.submit(tmp_path, request("a blue square", 40))
+    job_id = queue.submit(tmp_path, request("a blue square", 40))
     for attempt in (1, 2):
         worker = start_worker(tmp_path)
         wait_for(
-            lambda: (j := jobs.get(tmp_path, job_id)).status == "running" and j.step >= 2 and j.attempts == attempt,  # noqa: B023
+            lambda: (j := queue.get(tmp_path, job_id)).status == "running" and j.step >= 2 and j.attempts == attempt,  # noqa: B023
             what=f"attempt {attempt} to be running",
         )
         worker.send_signal(signal.SIGKILL)
@@ -67,18 +67,18 @@ def test_worker_killed_mid_job_leaves_no_run_and_retries_once(tmp_path):
         assert Store(tmp_path).runs() == []
     final = start_worker(tmp_path, "--once")
     assert final.wait(120) == 0
-    job = jobs.get(tmp_path, job_id)
+    job = queue.get(tmp_path, job_id)
     assert job.status == "failed" and "2 times" in job.error
     assert Store(tmp_path).runs() == []
     # a retried job that completes: killed once, then done
-    again = jobs.submit(tmp_path, request("a green triangle", 20))
+    again = queue.submit(tmp_path, request("a green triangle", 20))
     worker = start_worker(tmp_path)
-    wait_for(lambda: (j := jobs.get(tmp_path, again)).status == "running" and j.step >= 2, what="running")
+    wait_for(lambda: (j := queue.get(tmp_path, again)).status == "running" and j.step >= 2, what="running")
     worker.send_signal(signal.SIGKILL)
     worker.wait(30)
     finisher = start_worker(tmp_path, "--once")
     assert finisher.wait(300) == 0
-    job = jobs.get(tmp_path, again)
+    job = queue.get(tmp_path, again)
     assert job.status == "done" and job.attempts == 2
     assert [r["run_id"] for r in Store(tmp_path).runs()] == [job.run_id]
 
@@ -99,10 +99,10 @@ def test_two_sessions_submit_at_once_both_get_runs(tmp_path, monkeypatch):
         at.button(key="gen_go").click().run()
         assert not at.exception
     ids = [at.session_state["my_jobs"][0] for at in sessions]
-    assert len(set(ids)) == 2 and all(jobs.get(tmp_path, i).status == "queued" for i in ids)
+    assert len(set(ids)) == 2 and all(queue.get(tmp_path, i).status == "queued" for i in ids)
     worker = start_worker(tmp_path, "--once")
     assert worker.wait(300) == 0
-    finished = [jobs.get(tmp_path, i) for i in ids]
+    finished = [queue.get(tmp_path, i) for i in ids]
     assert all(j.status == "done" for j in finished)
     assert {Store(tmp_path).run(j.run_id)["prompt"] for j in finished} == {"a red circle", "a yellow square"}
     for at in sessions:

@@ -6,10 +6,10 @@ import plotly.express as px
 import streamlit as st
 
 from analysis.compare import has_word, related_runs, word_curves, word_table
-from analysis.store import GLOBAL
 from dashboard.render import decode, difference_image, overlay
 from dashboard.state import guarded, image_bytes, store, store_path, word_map
 from dashboard.widgets import look
+from store import GLOBAL
 
 TILE_PX = 320
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.store import GLOBAL, Word
 from dashboard.export import export_all
 from dashboard.generate import generate_panel
 from dashboard.render import COLORMAPS, decode, gif_bytes, overlay
 from dashboard.state import depth_models, guarded, image_bytes, store, store_path, word_map
 from dashboard.widgets import pick_run
-from schema import jobs
+from jobs import queue
+from store import GLOBAL, Word
 
 DISPLAY_PX = 512
 
@@ -133,7 +133,7 @@ def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int
                     + (zoe["where"] if zoe else "run `stepx models` to see where StepX looks."))  # fmt: skip
             return
         if st.button("Estimate depth (ZoeDepth)", key="depth_go"):
-            job_id = jobs.submit(Path(store_path()), {"kind": "depth", "run_id": run_id, "depth_model": "zoedepth",
+            job_id = queue.submit(Path(store_path()), {"kind": "depth", "run_id": run_id, "depth_model": "zoedepth",
                                                       "prompt": f"depth of {run_id}"})  # fmt: skip
             st.session_state.setdefault("my_jobs", []).append(job_id)
             st.info("Queued: the worker will add the depth map to this run.")

@@ -8,10 +8,10 @@ import io
 import plotly.express as px
 import streamlit as st
 
-from analysis.sql import EXAMPLES
-from analysis.store import QueryError, Results
 from dashboard.state import guarded, store
 from schema import USER_VIEWS, column_docs
+from store import QueryError, Results
+from store.sql import EXAMPLES
 
 MAX_ROWS = 5000
 TIMEOUT_S = 10.0

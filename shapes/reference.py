@@ -1,7 +1,7 @@
 """The embedded model's reference image: one known prompt, rendered and committed beside the
 weights, so tests can check that the committed weights still produce it.
 
-    python -m pipeline.reference          # writes data/models/shapes/reference.png + reference.json
+    python -m shapes.reference          # writes data/models/shapes/reference.png + reference.json
 """
 
 from __future__ import annotations

@@ -20,43 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.heatmaps import aggregate_levels
 from schema import RUN_FILES, TABLES, SchemaVersionError, check_version
 from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, store_root
+from schema.maps import aggregate_levels
 from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
+from store.errors import Results, RunDataMissing, RunNotFound, StoreError, WordNotFound
+from store.sql import run_readonly
 
 GLOBAL = "Global"
 ALL_LEVELS = None
-
-
-class StoreError(RuntimeError):
-    """A read that can't be answered, with a message meant for the user."""
-
-
-class RunNotFound(StoreError):
-    """No run with that id in the store."""
-
-
-class RunDataMissing(StoreError):
-    """The run is indexed but its files are gone or unreadable."""
-
-
-class WordNotFound(StoreError):
-    """The word is not in the run's prompt."""
-
-
-class QueryError(StoreError):
-    """A SQL query was refused or failed."""
-
-
-@dataclass
-class Results:
-    """One shape for every SQL answer."""
-
-    rows: list[tuple]
-    columns: list[str]
-    truncated: bool
-    elapsed_ms: float
 
 
 @dataclass
@@ -454,6 +426,4 @@ class Store:
     # -- SQL ------------------------------------------------------------------------------
     def sql(self, query: str, max_rows: int = 1000, timeout_s: float = 10.0) -> Results:
         """Run one read-only SELECT; refused statements and timeouts raise QueryError."""
-        from analysis.sql import run_readonly
-
         return run_readonly(self.cursor(), query, max_rows, timeout_s)

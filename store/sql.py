@@ -2,7 +2,7 @@
 interrupts long queries, and a row limit returns a `truncated` flag instead of cutting silently.
 
 The engine-level walls (external access off except the store's folders, configuration locked)
-are set where the connection is opened (`analysis.store.open_sandboxed`); this layer only gives
+are set where the connection is opened (`store.open_sandboxed`); this layer only gives
 early, friendly refusals.
 """
 
@@ -13,7 +13,7 @@ import time
 
 import duckdb
 
-from analysis.store import QueryError, Results
+from store.errors import QueryError, Results
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 TIMEOUT_SETTING = "timeout_s"

@@ -24,11 +24,11 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from analysis.detection import detect, guided_map, mask_iou
-from analysis.heatmaps import daam_threshold, upsample
-from analysis.store import Store
 from pipeline.index import write_atomic
-from pipeline.scene_check import check_objects
-from pipeline.scenes import COLOURS, POSITIONS, SHAPES, Scene, heldout_suite, parse_caption
+from schema.maps import daam_threshold, upsample
+from shapes.check import check_objects
+from shapes.scenes import COLOURS, POSITIONS, SHAPES, Scene, heldout_suite, parse_caption
+from store import Store
 
 WORD_CLASSES = {"shape noun": set(SHAPES), "colour adjective": set(COLOURS), "position word": set(POSITIONS)}
 

@@ -1,6 +1,6 @@
 """Train StepX's small "shapes" text-to-image model on procedural scenes, on CPU.
 
-    python -m pipeline.train_shapes --out data/models/shapes --work data/models/.train \
+    python -m shapes.train --out data/models/shapes --work data/models/.train \
         [--minutes N] [--resume] [--export-only]
 
 Stages, each resumable from files in the work folder:
@@ -47,7 +47,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipeline import scenes
+from shapes import scenes
 
 TOKENIZER_DIR = Path("data/tokenizers/clip")
 MAX_OBJECTS = 3
@@ -394,7 +394,7 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
             )
         step += 1
     vae.eval()
-    from pipeline.scene_check import check_objects
+    from shapes.check import check_objects
 
     with torch.no_grad():
         held = [scenes.training_scene(20_000_000 + i, size=cfg.image_size) for i in range(256)]
@@ -1015,7 +1015,7 @@ def evaluate(
     suite_seed: int = 1234,
 ) -> dict[str, Any]:
     """Held-out suite scores: object checks and shape-noun word-map IoU vs a uniform map."""
-    from pipeline.scene_check import check_objects, iou
+    from shapes.check import check_objects, iou
 
     suite = scenes.heldout_suite(n, seed=suite_seed, size=vae.config.sample_size)
     flags: dict[str, list[float]] = {
@@ -1175,7 +1175,7 @@ def _unet_layout_text(cfg: Config) -> str:
 @torch.no_grad()
 def vae_shape_kept(vae: AutoencoderKL, n: int = 200) -> float:
     """Share of objects whose shape the scene check still reads after a VAE round trip."""
-    from pipeline.scene_check import check_objects
+    from shapes.check import check_objects
 
     kept = total = 0
     dev = next(vae.parameters()).device
@@ -1218,7 +1218,7 @@ def write_card(
     size_mb: float,
 ) -> None:
     """The README.md model card: data, recipe, training time, hardware, scores."""
-    from pipeline.evaluate import CARD_END, CARD_START
+    from shapes.evaluate import CARD_END, CARD_START
 
     st = trainer.state
     vae_blob = torch.load(trainer.work / "vae.pt", weights_only=False, map_location="cpu")
@@ -1304,7 +1304,7 @@ resolution: {cfg.image_size}
 
 A Stable-Diffusion-architecture model (diffusers `AutoencoderKL`, `UNet2DConditionModel` with
 cross-attention, `CLIPTextModel`, `CLIPTokenizer`, DPM-Solver++ scheduler) trained from scratch
-in this repository by `python -m pipeline.train_shapes` on procedurally drawn scenes whose object
+in this repository by `python -m shapes.train` on procedurally drawn scenes whose object
 masks are known. It exists so StepX can show cross-attention word maps without downloading
 pretrained weights. {cfg.image_size} x {cfg.image_size} px, {size_mb:.1f} MB.
 
@@ -1313,7 +1313,7 @@ right-shape rate, then by word-map mIoU), 20 steps.
 
 ## Data
 
-`pipeline/scenes.py`: 1-3 flat shapes ({", ".join(scenes.SHAPES)}) in {len(scenes.COLOURS)}
+`shapes/scenes.py`: 1-3 flat shapes ({", ".join(scenes.SHAPES)}) in {len(scenes.COLOURS)}
 colours ({", ".join(scenes.COLOURS)}) on a light grey background, at named positions
 ({", ".join(scenes.POSITIONS)}), small or large, with distinct colours and positions per scene.
 Captions read "a red circle on the left and a small blue square at the top" (size word in half
@@ -1364,7 +1364,7 @@ from (seed, step), so resumed runs follow the same sequence.
 ## Scores (held-out suite, 48 prompts, EMA weights, 20 DPM-Solver++ steps)
 
 Objects correct = present + right colour + right region, judged by colour segmentation
-(`pipeline/scene_check.py`); "+ shape": correct and of the right shape, by how much of its bounding
+(`shapes/check.py`); "+ shape": correct and of the right shape, by how much of its bounding
 box the object fills. Word maps: shape-noun token, heads averaged, each UNet level
 bicubic-upsampled to the latent grid, clamped at 0, averaged over levels, summed over steps,
 upsampled to the image; thresholded at 0.4 of max (DAAM) or by Otsu; IoU against the object's

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.scenes import ANCHORS, IMAGE_SIZE, PALETTE, ObjectSpec
+from shapes.scenes import ANCHORS, IMAGE_SIZE, PALETTE, ObjectSpec
 
 MIN_SATURATION = 0.35
 MIN_VALUE = 0.25

@@ -1,6 +1,6 @@
 """Convert CLIP's BPE merge list into the vocab.json + merges.txt a `CLIPTokenizer` loads.
 
-    python -m pipeline.clip_vocab path/to/bpe_simple_vocab_16e6.txt.gz data/tokenizers/clip
+    python -m shapes.vocab path/to/bpe_simple_vocab_16e6.txt.gz data/tokenizers/clip
 
 The MIT-licensed `bpe_simple_vocab_16e6.txt.gz` ships inside the `open_clip_torch` wheel on PyPI
 (`pip download --no-deps open_clip_torch==3.3.0`; don't install it, it needs torchvision). The token

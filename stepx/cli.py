@@ -200,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kept = sum(t.kind == "word" for t in trace.tokens)
         print(f"stepx generate: note: the prompt was cut to its first {kept} tokens", file=sys.stderr)
     if depth is not None:
-        from pipeline.depth import depth_for_run
+        from jobs.depth import depth_for_run
 
         depth_for_run(store_root(args.store), written.run_id, depth)
     print(written.run_id)
@@ -208,7 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_depth(args: argparse.Namespace) -> int:
-    from pipeline.depth import depth_for_run, load_depth_model
+    from jobs.depth import depth_for_run
+    from pipeline.depth import load_depth_model
     from pipeline.models import ModelNotFoundError
 
     _store(args).run(args.run_id)
@@ -237,7 +238,7 @@ def _print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
 
 
 def _store(args: argparse.Namespace) -> object:
-    from analysis.store import Store
+    from store import Store
 
     return Store(store_root(args.store))
 
@@ -313,7 +314,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from pipeline.gallery import DEFAULT_SPEC, build_gallery
+    from jobs.gallery import DEFAULT_SPEC, build_gallery
     from pipeline.models import ModelNotFoundError
 
     def progress(i: int, n: int, run_id: str) -> None:
@@ -356,8 +357,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, update_card, write_report
     from pipeline.models import ModelNotFoundError
+    from shapes.evaluate import evaluate, update_card, write_report
 
     try:
         report = evaluate(store_root(args.store), args.model, args.n, guidance=args.guidance, steps=args.steps)
@@ -378,13 +379,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.worker import serve
+    from jobs.worker import serve
 
     return serve(store_root(args.store), args.once, args.poll, args.device)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.synth import synth_store
+    from jobs.synth import synth_store
 
     report = synth_store(store_root(args.store), args.runs, args.steps, args.geometry, args.seed)
     print(json.dumps(report))
@@ -409,7 +410,7 @@ COMMANDS = {
 
 def train_shapes(argv: list[str]) -> int:
     """`stepx train-shapes ...`: the embedded model's training script, with its own options."""
-    from pipeline.train_shapes import main as train_main
+    from shapes.train import main as train_main
 
     train_main(argv)
     return 0
@@ -420,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-shapes"]:
         return train_shapes(argv[1:])
-    from analysis.store import StoreError
     from schema import SchemaVersionError
+    from store import StoreError
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

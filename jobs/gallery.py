@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.store import Store
 from pipeline.models import DATA_DIR, default_model_name, get_spec, load_model, locate
+from store import Store
 
 DEFAULT_SPEC = DATA_DIR / "gallery" / "curated.json"
 

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from schema import jobs
+from jobs import queue
 
 
-def run_job(store: Path, job: jobs.Job, models: dict, device: str | None) -> None:
+def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> None:
     """Generate one job's request and record the outcome."""
     from pipeline.generate import GenerationConfig, GenerationError, generate_trace
     from pipeline.models import ModelNotFoundError, load_model
@@ -39,43 +39,44 @@ def run_job(store: Path, job: jobs.Job, models: dict, device: str | None) -> Non
         )  # fmt: skip
 
         def on_step(step: int, total: int) -> None:
-            jobs.progress(store, job.job_id, step, total)
+            queue.progress(store, job.job_id, step, total)
 
         trace = generate_trace(model, config, on_step=on_step)
         run_id = write_trace(store, trace).run_id
     except (GenerationError, ModelNotFoundError, ValueError) as exc:
-        jobs.finish(store, job.job_id, error=str(exc))
+        queue.finish(store, job.job_id, error=str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving; the job records why it failed
-        jobs.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
+        queue.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
         return
-    jobs.finish(store, job.job_id, run_id=run_id)
+    queue.finish(store, job.job_id, run_id=run_id)
 
 
-def run_depth_job(store: Path, job: jobs.Job) -> None:
+def run_depth_job(store: Path, job: queue.Job) -> None:
     """Estimate depth for an existing run."""
-    from pipeline.depth import depth_for_run, load_depth_model
+    from jobs.depth import depth_for_run
+    from pipeline.depth import load_depth_model
     from pipeline.models import ModelNotFoundError
 
     req = job.request
     try:
-        jobs.progress(store, job.job_id, 0, 1)
+        queue.progress(store, job.job_id, 0, 1)
         depth_for_run(store, req["run_id"], load_depth_model(req.get("depth_model", "zoedepth")))
     except (ModelNotFoundError, FileNotFoundError, ValueError) as exc:
-        jobs.finish(store, job.job_id, error=str(exc))
+        queue.finish(store, job.job_id, error=str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving
-        jobs.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
+        queue.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
         return
-    jobs.progress(store, job.job_id, 1, 1)
-    jobs.finish(store, job.job_id, run_id=req["run_id"])
+    queue.progress(store, job.job_id, 1, 1)
+    queue.finish(store, job.job_id, run_id=req["run_id"])
 
 
 def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | None = None) -> int:
     """Serve the queue until interrupted (or, with once, until it is empty)."""
     from pipeline.models import best_device
 
-    lock_path = jobs.queue_path(store).with_name("worker.lock")
+    lock_path = queue.queue_path(store).with_name("worker.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = open(lock_path, "w")  # noqa: SIM115 - held for the life of the worker
     try:
@@ -89,10 +90,10 @@ def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | No
     last_beat = 0.0
     while True:
         if time.time() - last_beat > 5:
-            jobs.worker_beat(store, device)
-            jobs.recover(store)
+            queue.worker_beat(store, device)
+            queue.recover(store)
             last_beat = time.time()
-        job = jobs.claim(store)
+        job = queue.claim(store)
         if job is None:
             if once:
                 return 0
