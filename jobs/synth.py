@@ -17,9 +17,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.index import update_index
-from pipeline.trace import StepRecord, TokenInfo, Trace
+from pipeline.trace import StepRecord, TokenInfo, Trace, run_row
 from pipeline.trace_writer import build_tables, write_tables
-from schema import SCHEMA_VERSION
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -109,42 +108,36 @@ def synth_trace(
     ]
     final = preview[-1].resize((px, px))
     run_id = created.strftime("%Y%m%d-%H%M%S-") + f"{rng.integers(0, 16**6):06x}"
-    run = {
-        "run_id": run_id,
-        "created_at": created,
-        "status": "complete",
-        "prompt": " ".join(words),
-        "negative_prompt": "",
-        "seed": int(rng.integers(0, 2**31)),
-        "steps": steps,
-        "guidance": 3.0,
-        "scheduler": "synthetic",
-        "width": px,
-        "height": px,
-        "latent_width": latent[1],
-        "latent_height": latent[0],
-        "self_grid_width": self_grid[1],
-        "self_grid_height": self_grid[0],
-        "step_grid_width": step_grid[1],
-        "step_grid_height": step_grid[0],
-        "levels": [f"{h}x{w}" for h, w in levels],
-        "model_name": f"synthetic-{geometry}",
-        "model_id": "synthetic",
-        "model_fingerprint": "0" * 16,
-        "torch_version": "",
-        "diffusers_version": "",
-        "stepx_version": "synthetic",
-        "schema_version": SCHEMA_VERSION,
-        "device": "none",
-        "dtype": "float32",
-        "prompt_truncated": False,
-        "denoise_ms": 0.0,
-        "preview_ms": 0.0,
-        "total_ms": 0.0,
-        "tags": ["synthetic"],
-        "gallery": "synthetic",
-        "config_json": "{}",
-    }
+    run = run_row(
+        run_id=run_id,
+        created_at=created,
+        prompt=" ".join(words),
+        negative_prompt="",
+        seed=int(rng.integers(0, 2**31)),
+        steps=steps,
+        guidance=3.0,
+        scheduler="synthetic",
+        size=(px, px),
+        latent=latent,
+        self_grid=self_grid,
+        step_grid=step_grid,
+        levels=levels,
+        model_name=f"synthetic-{geometry}",
+        model_id="synthetic",
+        model_fingerprint="0" * 16,
+        torch_version="",
+        diffusers_version="",
+        stepx_version="synthetic",
+        device="none",
+        dtype="float32",
+        prompt_truncated=False,
+        denoise_ms=0.0,
+        preview_ms=0.0,
+        total_ms=0.0,
+        tags=["synthetic"],
+        gallery="synthetic",
+        config_json="{}",
+    )
     return Trace(run, tokens, records, levels, _self_matrix(rng, self_grid, 0.08), preview, final)
 
 

@@ -26,8 +26,7 @@ from pipeline.capture import (
     plan_grids,
 )
 from pipeline.models import LoadedModel
-from pipeline.trace import TokenInfo, Trace
-from schema import SCHEMA_VERSION
+from pipeline.trace import TokenInfo, Trace, run_row
 
 STEPX_VERSION = "0.1.0"
 PREVIEW_MAX_PX = 256  # long side of stored step previews
@@ -208,42 +207,36 @@ def generate_trace(
     previews = decode_previews(pipe, recorder.x0)
     preview_ms = (time.perf_counter() - t1) * 1000
     created = datetime.now(UTC)
-    run = {
-        "run_id": new_run_id(created),
-        "created_at": created,
-        "status": "complete",
-        "prompt": cfg.prompt,
-        "negative_prompt": cfg.negative_prompt,
-        "seed": cfg.seed,
-        "steps": len(recorder.steps),
-        "guidance": cfg.guidance,
-        "scheduler": type(pipe.scheduler).__name__,
-        "width": cfg.width,
-        "height": cfg.height,
-        "latent_width": latent[1],
-        "latent_height": latent[0],
-        "self_grid_width": self_grid[1],
-        "self_grid_height": self_grid[0],
-        "step_grid_width": step_grid[1],
-        "step_grid_height": step_grid[0],
-        "levels": [f"{h}x{w}" for h, w in levels],
-        "model_name": model.spec.name,
-        "model_id": model.model_id,
-        "model_fingerprint": model.fingerprint,
-        "torch_version": torch.__version__,
-        "diffusers_version": diffusers.__version__,
-        "stepx_version": STEPX_VERSION,
-        "schema_version": SCHEMA_VERSION,
-        "device": model.device,
-        "dtype": model.dtype,
-        "prompt_truncated": truncated,
-        "denoise_ms": denoise_ms,
-        "preview_ms": preview_ms,
-        "total_ms": (time.perf_counter() - t_start) * 1000,
-        "tags": list(cfg.tags),
-        "gallery": cfg.gallery,
-        "config_json": json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
-    }
+    run = run_row(
+        run_id=new_run_id(created),
+        created_at=created,
+        prompt=cfg.prompt,
+        negative_prompt=cfg.negative_prompt,
+        seed=cfg.seed,
+        steps=len(recorder.steps),
+        guidance=cfg.guidance,
+        scheduler=type(pipe.scheduler).__name__,
+        size=(cfg.height, cfg.width),
+        latent=latent,
+        self_grid=self_grid,
+        step_grid=step_grid,
+        levels=levels,
+        model_name=model.spec.name,
+        model_id=model.model_id,
+        model_fingerprint=model.fingerprint,
+        torch_version=torch.__version__,
+        diffusers_version=diffusers.__version__,
+        stepx_version=STEPX_VERSION,
+        device=model.device,
+        dtype=model.dtype,
+        prompt_truncated=truncated,
+        denoise_ms=denoise_ms,
+        preview_ms=preview_ms,
+        total_ms=(time.perf_counter() - t_start) * 1000,
+        tags=list(cfg.tags),
+        gallery=cfg.gallery,
+        config_json=json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+    )
     return Trace(
         run=run,
         tokens=tokens,

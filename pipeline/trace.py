@@ -6,10 +6,13 @@ Torch-free, so the synthetic-store generator and the writer share them with the 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from schema import SCHEMA_VERSION, TABLES
 
 Grid = tuple[int, int]
 
@@ -51,6 +54,35 @@ class Trace:
     previews: list[Image.Image]
     final: Image.Image
     max_sum_error: float = 0.0
+
+
+def run_row(
+    *, size: Grid, latent: Grid, self_grid: Grid, step_grid: Grid, levels: Sequence[Grid], **columns: object
+) -> dict:
+    """One `runs` row for a complete run, in the table's column order: the one place a run row is built.
+
+    Grids are (height, width) and are split into the table's `*_height`/`*_width` columns; `status` and
+    `schema_version` are filled in; every other column of `schema.TABLES["runs"]` must be given by name.
+    """
+    row = {
+        **columns,
+        "status": "complete",
+        "schema_version": SCHEMA_VERSION,
+        "height": size[0],
+        "width": size[1],
+        "latent_height": latent[0],
+        "latent_width": latent[1],
+        "self_grid_height": self_grid[0],
+        "self_grid_width": self_grid[1],
+        "step_grid_height": step_grid[0],
+        "step_grid_width": step_grid[1],
+        "levels": [f"{h}x{w}" for h, w in levels],
+    }
+    names = TABLES["runs"].names
+    missing, extra = set(names) - row.keys(), row.keys() - set(names)
+    if missing or extra:
+        raise TypeError(f"run row: missing columns {sorted(missing)}, unknown columns {sorted(extra)}")
+    return {name: row[name] for name in names}
 
 
 def encode_image(img: Image.Image, fmt: str) -> bytes:
