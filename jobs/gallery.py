@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.models import DATA_DIR, default_model_name, get_spec, load_model, locate
+from schema.limits import LimitError, check_generation, check_prompt, check_value
 from store import Store
 
 DEFAULT_SPEC = DATA_DIR / "gallery" / "curated.json"
@@ -25,14 +26,46 @@ class GalleryItem:
     tags: list[str]
 
 
+class SpecError(ValueError):
+    """A gallery spec file that can't be used, with a one-line reason naming the file."""
+
+
 def load_spec(path: Path = DEFAULT_SPEC) -> tuple[dict, list[GalleryItem]]:
-    """The spec's settings and its (prompt, seed, tags) items."""
-    spec = json.loads(Path(path).read_text())
-    items = [
-        GalleryItem(e["prompt"], int(seed), list(e.get("tags", [])))
-        for e in spec["entries"]
-        for seed in e.get("seeds", [0])
-    ]
+    """The spec's settings and its (prompt, seed, tags) items; SpecError for anything malformed."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"cannot read the gallery spec {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"the gallery spec {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"the gallery spec {path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+    except RecursionError:
+        raise SpecError(f"the gallery spec {path} is nested too deeply to be a spec") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise SpecError(f"the gallery spec {path}: {what}")
+
+    need(isinstance(spec, dict), "expected a JSON object with 'name' and 'entries'")
+    need(isinstance(spec.get("name"), str) and spec["name"].strip() != "", "'name' must be non-empty text")
+    need(spec.get("model") is None or isinstance(spec["model"], str), "'model' must be a registry name")
+    need(isinstance(spec.get("entries"), list) and spec["entries"] != [], "'entries' must be a non-empty list")
+    items = []
+    for n, e in enumerate(spec["entries"], 1):
+        need(isinstance(e, dict), f"entry {n} is not an object")
+        need(isinstance(e.get("prompt"), str), f"entry {n} has no text 'prompt'")
+        seeds, tags = e.get("seeds", [0]), e.get("tags", [])
+        need(isinstance(seeds, list) and seeds != [], f"entry {n}: 'seeds' must be a non-empty list")
+        need(isinstance(tags, list) and all(isinstance(t, str) for t in tags), f"entry {n}: 'tags' must be text")
+        try:
+            check_prompt(e["prompt"])
+            check_generation(spec.get("model"), steps=spec.get("steps"))
+            for seed in seeds:
+                check_value("seed", seed)
+        except LimitError as exc:
+            raise SpecError(f"the gallery spec {path}, entry {n}: {exc}") from None
+        items += [GalleryItem(e["prompt"], int(seed), list(tags)) for seed in seeds]
     return spec, items
 
 

@@ -8,7 +8,6 @@ the loop, outside the timed denoising.
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -27,10 +26,10 @@ from pipeline.capture import (
 )
 from pipeline.models import LoadedModel
 from pipeline.trace import TokenInfo, Trace, run_row
+from schema.limits import LimitError, check_generation, check_prompt
+from schema.version import stepx_version
 
-STEPX_VERSION = "0.1.0"
 PREVIEW_MAX_PX = 256  # long side of stored step previews
-MAX_PROMPT_CHARS = 10_000  # longer prompts are truncated by the tokenizer anyway
 
 
 class GenerationError(ValueError):
@@ -65,34 +64,54 @@ class GenerationConfig:
             tags=list(self.tags),
             gallery=self.gallery,
         )
-        validate(cfg, model.pipe.vae_scale_factor)
+        validate(cfg, model.pipe.vae_scale_factor, spec.name, model.pipe.scheduler)
         return cfg
 
 
 def validate_prompt(cfg: GenerationConfig) -> None:
     """Raise GenerationError for prompt text that can't run (before any model is loaded)."""
-    if not cfg.prompt or not cfg.prompt.strip():
-        raise GenerationError("the prompt is empty: give a text prompt such as 'a red circle'")
-    if len(cfg.prompt) > MAX_PROMPT_CHARS:
-        raise GenerationError(f"the prompt is {len(cfg.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    if any(ord(c) < 32 and c not in "\t\n" for c in cfg.prompt + cfg.negative_prompt):
-        raise GenerationError("the prompt holds control characters; remove them")
+    try:
+        check_prompt(cfg.prompt, cfg.negative_prompt or "")
+    except LimitError as exc:
+        raise GenerationError(str(exc)) from None
 
 
-def validate(cfg: GenerationConfig, vae_factor: int = 8) -> None:
-    """Raise GenerationError with one clear line for a request that can't run."""
+def validate(cfg: GenerationConfig, vae_factor: int = 8, model: str | None = None, scheduler: object = None) -> None:
+    """Raise GenerationError with one clear line for a request that can't run (schema.limits' table)."""
     validate_prompt(cfg)
-    if cfg.steps is None or not 1 <= cfg.steps <= 1000:
-        raise GenerationError(f"steps must be between 1 and 1000, got {cfg.steps}")
-    if cfg.guidance is None or not math.isfinite(cfg.guidance) or not 0 <= cfg.guidance <= 50:
-        raise GenerationError(f"guidance must be between 0 and 50, got {cfg.guidance}")
-    if not 0 <= cfg.seed < 2**63:
-        raise GenerationError(f"seed must be between 0 and 2^63-1, got {cfg.seed}")
+    try:
+        check_generation(model, cfg.steps, cfg.height, cfg.width, cfg.seed, cfg.guidance)
+    except LimitError as exc:
+        raise GenerationError(str(exc)) from None
     for name, v in (("width", cfg.width), ("height", cfg.height)):
-        if v is None or v <= 0 or v % 8 or v > 4096:
-            raise GenerationError(f"{name} must be a positive multiple of 8 up to 4096, got {v}")
         if v % vae_factor:
-            raise GenerationError(f"{name} must be a multiple of this model's VAE factor {vae_factor}")
+            raise GenerationError(f"{name} must be a multiple of this model's VAE factor {vae_factor}, got {v}")
+    if scheduler is not None:
+        check_scheduler_steps(scheduler, cfg.steps)
+
+
+def check_scheduler_steps(scheduler: object, steps: int) -> None:
+    """Raise GenerationError when `steps` runs past the scheduler's table of training timesteps."""
+    table = int(scheduler.config.num_train_timesteps)
+    fresh = type(scheduler).from_config(scheduler.config)  # set_timesteps mutates: probe a copy
+    try:
+        fresh.set_timesteps(steps)
+        ok = int(fresh.timesteps.max()) < table
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        most = table - int(scheduler.config.get("steps_offset", 0) or 0)
+        raise GenerationError(
+            f"steps must be at most {most} for this model's {type(scheduler).__name__} "
+            f"({table} training timesteps), got {steps}"
+        )
+
+
+def check_device(device: str | None) -> None:
+    """Raise GenerationError when CUDA is asked for on a torch build or machine without it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise GenerationError(f"--device cuda: {build} (torch {torch.__version__}); use --device cpu")
 
 
 def prompt_tokens(tokenizer: object, prompt: str) -> tuple[list[TokenInfo], bool]:
@@ -226,7 +245,7 @@ def generate_trace(
         model_fingerprint=model.fingerprint,
         torch_version=torch.__version__,
         diffusers_version=diffusers.__version__,
-        stepx_version=STEPX_VERSION,
+        stepx_version=stepx_version(),
         device=model.device,
         dtype=model.dtype,
         prompt_truncated=truncated,

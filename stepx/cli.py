@@ -3,20 +3,27 @@
     stepx generate "a red circle on the left" --steps 20 --seed 1
     stepx runs | stepx show RUN | stepx sql "SELECT ..." | stepx index rebuild | stepx models
 
-Torch is imported only by the commands that run a model. Bad arguments exit with status 2 and one
-line on stderr; store and model problems exit with status 1 and one line.
+Torch is imported only by the commands that run a model. Every failure is one line on stderr: status 2
+for bad input, 1 when the store or machine cannot serve a valid request; unexpected errors also
+leave their traceback in <store>/logs/stepx.log and name that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from schema.limits import LIMITS, LimitError, check_value
+from schema.version import stepx_version
+from stepx import commands_jobs as jobs_cmd
 from stepx import commands_read as read
 from stepx import commands_run as run
-from stepx.commands_base import CliError
+from stepx.commands_base import CliError, checked_store, log_exception, os_error_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,47 +31,86 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message} (see {self.prog} --help)", 2)
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v}")
-    return v
 
 
-def _size(text: str) -> int:
-    v = _positive_int(text)
-    if v % 8 or v > 4096:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 up to 4096, got {v}")
-    return v
+def _limited(name: str) -> Callable[[str], int | float]:
+    """An argument type checked against schema.limits' table (the model's own bounds come later)."""
+
+    def parse(text: str) -> int | float:
+        value: int | float
+        if LIMITS[name].integer:
+            value = _whole(text)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_value(name, value)
+        except LimitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63-1, got {v}")
-    return v
+def _count(most: int) -> Callable[[str], int]:
+    """A whole number from 1 to `most`."""
+
+    def parse(text: str) -> int:
+        v = _whole(text)
+        if not 1 <= v <= most:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {most:,}, got {v}")
+        return v
+
+    return parse
 
 
-def _guidance(text: str) -> float:
+def _seconds(most: float) -> Callable[[str], float]:
+    """A finite number of seconds greater than 0, up to `most`."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not (math.isfinite(v) and 0 < v <= most):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and up to {most:g}, got {text}")
+        return v
+
+    return parse
+
+
+def _threshold(text: str) -> str | float:
+    """'otsu' or a fraction of the map's maximum strictly between 0 and 1."""
+    if text == "otsu":
+        return text
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= v <= 50:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 50, got {text}")
+        v = math.nan
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"is 'otsu' or a number between 0 and 1, got {text!r}")
     return v
+
+
+def _text(text: str) -> str:
+    """Free text (tags, search words, names): printable and at most 200 characters."""
+    if len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError("expected printable text of at most 200 characters")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", help="store folder (default: $STEPX_STORE or data/store)")
     p = _Parser(prog="stepx", description="StepX: trace and explore attention in diffusion models.")
+    p.add_argument("--version", action="version", version=f"stepx {stepx_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", parents=[common], help="generate one traced image")
@@ -72,12 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--model", help="registry name (see `stepx models`)")
     g.add_argument("--model-path", help="folder holding a diffusers pipeline")
-    g.add_argument("--seed", type=_seed, default=0)
-    g.add_argument("--steps", type=_positive_int)
-    g.add_argument("--guidance", type=_guidance)
-    g.add_argument("--width", type=_size)
-    g.add_argument("--height", type=_size)
-    g.add_argument("--tag", action="append", default=[], help="tag the run (repeatable)")
+    g.add_argument("--seed", type=_limited("seed"), default=0)
+    g.add_argument("--steps", type=_limited("steps"))
+    g.add_argument("--guidance", type=_limited("guidance"))
+    g.add_argument("--width", type=_limited("width"))
+    g.add_argument("--height", type=_limited("height"))
+    g.add_argument("--tag", type=_text, action="append", default=[], help="tag the run (repeatable)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     g.add_argument("--depth", action="store_true", help="also estimate depth of the final image")
     g.add_argument("--depth-model", default="zoedepth", choices=["zoedepth", "dpt", "depth-anything"])
@@ -89,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth-path", help="folder holding the depth estimator")
 
     r = sub.add_parser("runs", parents=[common], help="list runs")
-    r.add_argument("--search", help="text in the prompt")
-    r.add_argument("--tag")
-    r.add_argument("--model")
-    r.add_argument("--limit", type=_positive_int, default=50)
+    r.add_argument("--search", type=_text, help="text in the prompt")
+    r.add_argument("--tag", type=_text)
+    r.add_argument("--model", type=_text)
+    r.add_argument("--limit", type=_count(1_000_000), default=50)
 
     s = sub.add_parser("show", parents=[common], help="one run's metadata and tokens")
     s.add_argument("run_id")
@@ -100,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sql", parents=[common], help="read-only SQL over the store")
     q.add_argument("query")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    q.add_argument("--max-rows", type=_positive_int, default=1000)
-    q.add_argument("--timeout", type=float, default=10.0, help="seconds before the query is stopped")
+    sql_flags = {"max_rows": "--max-rows", "timeout_s": "--timeout", "memory_limit_mb": "--memory-limit-mb"}
+    for name, flag in sql_flags.items():  # the SQL console's limits (README "Security model")
+        q.add_argument(flag, dest=name, type=_limited(name), default=LIMITS[name].default, help=LIMITS[name].help)
 
     i = sub.add_parser("index", parents=[common], help="maintain the store's index")
     i.add_argument("action", choices=["rebuild"])
@@ -112,34 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
     ga = sub.add_parser("gallery", parents=[common], help="build a curated gallery from a spec")
     ga.add_argument("action", choices=["build"])
     ga.add_argument("--spec", help="gallery spec JSON (default data/gallery/curated.json)")
-    ga.add_argument("--model", help="override the spec's model")
+    ga.add_argument("--model", type=_text, help="override the spec's model")
 
     an = sub.add_parser("annotate", parents=[common], help="TITAN object annotations as COCO JSON")
     target = an.add_mutually_exclusive_group(required=True)
-    target.add_argument("--gallery", help="annotate every run of a gallery")
+    target.add_argument("--gallery", type=_text, help="annotate every run of a gallery")
     target.add_argument("--run", help="annotate one run")
     an.add_argument("--out", required=True, help="COCO JSON file to write")
-    an.add_argument("--threshold", default="otsu", help="'otsu' or a fraction of the maximum, e.g. 0.4")
+    an.add_argument(
+        "--threshold", type=_threshold, default="otsu", help="'otsu' or a fraction of the maximum, e.g. 0.4"
+    )
     an.add_argument("--daam-only", action="store_true", help="word maps alone, without self-attention guidance")
 
-    ev = sub.add_parser("eval", parents=[common], help="score the embedded model on its held-out scenes")
+    ev = sub.add_parser("eval", parents=[common], help="score the embedded model on its test (or validation) split")
     ev.add_argument("--model", default="shapes")
-    ev.add_argument("--n", type=_positive_int, default=30, help="held-out scenes")
-    ev.add_argument("--steps", type=_positive_int, default=20)
-    ev.add_argument("--guidance", type=_guidance, help="default: the model's")
+    ev.add_argument("--split", choices=["test", "validation"], default="test", help="which evaluation split")
+    ev.add_argument("--n", type=_count(10_000), default=30, help="scenes of the split (1 to 256)")
+    ev.add_argument("--seeds", type=_count(10_000), default=5, help="noise seeds per scene (1 to 100)")
+    ev.add_argument("--steps", type=_limited("steps"), default=20)
+    ev.add_argument("--guidance", type=_limited("guidance"), help="default: the model's")
     ev.add_argument("--out", help="also write the report as JSON")
-    ev.add_argument("--card", help="also put the table into this model card (its stepx eval section)")
+    ev.add_argument("--card", help="also put the test table into this model card (its stepx eval section)")
+
+    jb = sub.add_parser("jobs", parents=[common], help="the generation queue: list jobs, or cancel one")
+    jb.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
+    jb.add_argument("job_id", nargs="?", type=_count(2**62), help="the job to cancel")
+    jb.add_argument("--limit", type=_count(100_000), default=20, help="newest jobs to list")
 
     wk = sub.add_parser("worker", parents=[common], help="run queued generation jobs (the dashboard's Generate)")
     wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
-    wk.add_argument("--poll", type=float, default=0.5, help="seconds between queue checks")
+    wk.add_argument("--poll", type=_seconds(60), default=0.5, help="seconds between queue checks")
     wk.add_argument("--device", choices=["cpu", "cuda"])
 
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
-    y.add_argument("--runs", type=_positive_int, required=True)
-    y.add_argument("--steps", type=_positive_int, default=20)
+    y.add_argument("--runs", type=_count(1_000_000), required=True)
+    y.add_argument("--steps", type=_limited("steps"), default=20)
     y.add_argument("--geometry", choices=["shapes", "sd15"], default="shapes")
-    y.add_argument("--seed", type=_seed, default=0)
+    y.add_argument("--seed", type=_limited("seed"), default=0)
     return p
 
 
@@ -154,6 +210,7 @@ COMMANDS = {
     "annotate": run.cmd_annotate,
     "eval": run.cmd_eval,
     "worker": run.cmd_worker,
+    "jobs": jobs_cmd.cmd_jobs,
     "depth": run.cmd_depth,
     "synth": run.cmd_synth,
 }
@@ -163,34 +220,83 @@ def train_shapes(argv: list[str]) -> int:
     """`stepx train-shapes ...`: the embedded model's training script, with its own options."""
     from shapes.train import main as train_main
 
-    train_main(argv)
-    return 0
+    try:
+        return train_main(argv)
+    except SystemExit as exc:  # the trainer's own argument errors and refusals
+        if isinstance(exc.code, str):
+            raise CliError(f"stepx train-shapes: {exc.code}", 2) from None
+        return int(exc.code or 0)
+
+
+# Failures with a message meant for the user, as "module:Class". Only modules already imported are looked
+# at (an exception can only come from a loaded module), so a read command never imports torch for this.
+BAD_INPUT = (  # exit 2: the request is wrong (an argument, a run id, a setting, a file)
+    "schema.limits:LimitError",
+    "schema.layout:InvalidRunId",
+    "pipeline.generate:GenerationError",
+    "store.errors:RunNotFound",
+    "store.errors:IndexDamaged",
+    "jobs.queue:JobError",
+    "store.errors:WordNotFound",
+    "store.errors:QueryError",
+    "jobs.gallery:SpecError",
+)
+CANNOT_SERVE = (  # exit 1: a valid request the store or the machine can't serve
+    "store.errors:StoreError",
+    "schema.tables:SchemaVersionError",
+    "schema.layout:ManifestError",
+    "pipeline.models:ModelNotFoundError",
+)
+
+
+def _loaded(names: tuple[str, ...]) -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(n.split(":")[0]), n.split(":")[1], None) for n in names)
+    return tuple(c for c in found if isinstance(c, type))
+
+
+def _status(exc: BaseException) -> int | None:
+    """Exit status of a failure with a message meant for the user, or None for an unexpected error."""
+    if isinstance(exc, CliError):
+        return exc.status
+    if isinstance(exc, _loaded(BAD_INPUT)):
+        return 2
+    if isinstance(exc, _loaded(CANNOT_SERVE)):
+        return 1
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `stepx` console script."""
+    """Entry point of the `stepx` console script: one line on stderr for every failure, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-shapes"]:
-        return train_shapes(argv[1:])
-    from schema import SchemaVersionError
-    from store import StoreError
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    root: Path | None = None
+    prefix = "stepx"
     try:
+        if argv[:1] == ["train-shapes"]:
+            return train_shapes(argv[1:])
         args = build_parser().parse_args(argv)
+        prefix = f"stepx {args.command}"
+        if hasattr(args, "store"):
+            root = checked_store(args)
         return COMMANDS[args.command](args)
-    except CliError as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.status
-    except (StoreError, SchemaVersionError) as exc:
-        print(f"stepx: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
     except KeyboardInterrupt:
         print("stepx: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        print(f"{prefix}: {os_error_line(exc)}", file=sys.stderr)
+        return 2 if exc.errno in (errno.EISDIR, errno.ENOTDIR) else 1
+    except Exception as exc:  # noqa: BLE001 - every failure ends as one line; unexpected ones are logged
+        status = _status(exc)
+        if status is not None:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(message if message.startswith("stepx") else f"{prefix}: {message}", file=sys.stderr)
+            return status
+        log = log_exception(root, argv)
+        print(f"{prefix}: unexpected error ({type(exc).__name__}); the traceback is in {log}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

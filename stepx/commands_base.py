@@ -1,32 +1,127 @@
-"""What every `stepx` command shares: the one-line error, the store it reads, the table printer."""
+"""What every `stepx` command shares: the one-line error, the store it reads, output files, the table printer."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
+import os
 import sys
+import tempfile
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
 
 from schema.layout import store_root
 
+LOG_NAME = "stepx.log"  # <store>/logs/stepx.log: tracebacks of unexpected errors, newest last
+
 
 class CliError(Exception):
-    """A failure to report as one line, with an exit status."""
+    """A failure to report as one line, with an exit status (2: bad input, 1: the store or model can't serve)."""
 
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
 
 
+def checked_store(args: argparse.Namespace) -> Path:
+    """The store folder named by --store (or $STEPX_STORE); CliError when it names something else."""
+    root = store_root(getattr(args, "store", None))
+    if root.exists() and not root.is_dir():
+        raise CliError(f"stepx: --store {root} is a file, not a store folder; give a folder (it may be new)", 2)
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"stepx: --store {root}: {parent} is a file, so no folder can be made there", 2)
+            break
+    return root
+
+
 def open_store(args: argparse.Namespace) -> object:
     """The read API over the store named by --store (or $STEPX_STORE)."""
     from store import Store
 
-    return Store(store_root(args.store))
+    return Store(checked_store(args))
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error, saying which file and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return f"disk full writing{where}: free some space and run the command again"
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing{where}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied:{where}"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system:{where}"
+    if exc.errno == errno.EISDIR:
+        return f"{where.strip()} is a folder, not a file"
+    if exc.errno == errno.ENOTDIR:
+        return f"a part of{where} is a file, not a folder"
+    return f"{exc.strerror or type(exc).__name__}:{where}"
+
+
+def check_out_path(path: str | Path, what: str = "--out") -> Path:
+    """An output file path that can be written: not a folder, in a folder that exists (checked before work)."""
+    out = Path(path)
+    if not str(path).strip():
+        raise CliError(f"{what} is empty; give a file name", 2)
+    if out.is_dir():
+        raise CliError(f"{what} {out} is a folder; give a file name", 2)
+    if not out.parent.is_dir():
+        raise CliError(f"{what} {out}: the folder {out.parent} does not exist", 2)
+    return out
+
+
+def write_output(path: str | Path, text: str, what: str = "--out") -> Path:
+    """Write a command's output file whole or not at all (temp file + rename); CliError with one line."""
+    out = check_out_path(path, what)
+    try:
+        if out.exists() and not out.is_file():  # a device such as /dev/null or /dev/full: write in place
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text)
+            return out
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename).endswith(".tmp"):
+            exc.filename = str(out)
+        raise CliError(f"{what}: {os_error_line(exc)}", 2 if exc.errno == errno.EISDIR else 1) from None
+    return out
+
+
+def log_exception(root: Path | None, argv: list[str]) -> Path:
+    """Append the current exception's traceback to <store>/logs/stepx.log (else a temp-dir log); return the file."""
+    entry = (
+        f"--- {datetime.now(UTC).isoformat(timespec='seconds')} pid {os.getpid()} "
+        f"stepx {' '.join(map(repr, argv))}\n{traceback.format_exc()}\n"
+    )
+    candidates = [root / "logs" / LOG_NAME] if root is not None else []
+    candidates.append(Path(tempfile.gettempdir()) / f"stepx-{os.getuid()}.log")
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(entry)
+            return path
+        except OSError:
+            continue
+    return candidates[-1]
 
 
 def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
-    """Print query rows as an aligned table, CSV or JSON on stdout."""
+    """Print query rows as an aligned table, CSV or JSON on stdout (the CLI's one printer)."""
     if fmt == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(columns)
@@ -34,9 +129,15 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
     elif fmt == "json":
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
     else:
-        cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in r] for r in rows]
+        cells = [[_cell(c) for c in columns]] + [["" if v is None else _cell(v) for v in r] for r in rows]
         widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(columns))]
         for n, row in enumerate(cells):
             print("  ".join(v[:60].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
             if n == 0:
                 print("  ".join("-" * w for w in widths))
+
+
+def _cell(value: object) -> str:
+    """A table cell's text with control characters escaped, so stored text can't drive the terminal."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

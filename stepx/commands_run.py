@@ -7,24 +7,30 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from schema.layout import store_root
-from stepx.commands_base import CliError, open_store
+from stepx.commands_base import CliError, check_out_path, open_store, write_output
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
-        raise CliError("stepx generate: the prompt is empty; give a text prompt such as 'a red circle'", 2)
+    """Generate one traced image into the store; prints the run id."""
+    from schema.limits import check_generation, check_prompt
+
+    check_prompt(args.prompt, args.negative)
     if args.model is not None and not args.model.strip():
         raise CliError("stepx generate: --model is empty; see `stepx models` for the names", 2)
-    from pipeline.generate import (
-        GenerationConfig,
-        GenerationError,
-        generate_trace,
-        validate_prompt,
-    )
-    from pipeline.models import ModelNotFoundError, load_model
+    from pipeline.generate import GenerationConfig, check_device, generate_trace
+    from pipeline.models import ModelNotFoundError, default_model_name, get_spec, load_model
     from pipeline.trace_writer import write_trace
 
+    name = args.model or ("sd15" if args.model_path else default_model_name())
+    try:
+        get_spec(name)  # an unknown name is bad input, before any weights load
+    except ModelNotFoundError as exc:
+        raise CliError(f"stepx generate: {exc}", 2) from None
+    check_generation(name, args.steps, args.height, args.width, args.seed, args.guidance)
+    check_device(args.device)
     config = GenerationConfig(
         prompt=args.prompt,
         negative_prompt=args.negative,
@@ -35,25 +41,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         tags=args.tag,
     )
-    try:
-        validate_prompt(config)
-        depth = None
-        if args.depth:
-            from pipeline.depth import load_depth_model
+    depth = None
+    if args.depth:
+        from pipeline.depth import load_depth_model
 
-            depth = load_depth_model(args.depth_model, args.depth_path)
-        model = load_model(args.model, args.model_path, args.device)
-        tty = sys.stderr.isatty()
+        depth = load_depth_model(args.depth_model, args.depth_path)
+    model = load_model(args.model, args.model_path, args.device)
+    config.resolved(model)  # the model's own checks (VAE factor, scheduler table) before the bar starts
+    with tqdm(total=None, desc="stepx generate", unit="step", file=sys.stderr, leave=True) as bar:
 
         def progress(step: int, total: int) -> None:
-            bar = "#" * (20 * step // total)
-            end = "\r" if tty and step < total else "\n"
-            sys.stderr.write(f"step {step:>3}/{total} [{bar:<20}]{end}")
-            sys.stderr.flush()
+            bar.total = total
+            bar.update(step - bar.n)
 
         trace = generate_trace(model, config, on_step=progress)
-    except (GenerationError, ModelNotFoundError) as exc:
-        raise CliError(f"stepx generate: {exc}", 2 if isinstance(exc, GenerationError) else 1) from None
     written = write_trace(store_root(args.store), trace)
     if trace.run["prompt_truncated"]:
         kept = sum(t.kind == "word" for t in trace.tokens)
@@ -67,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_depth(args: argparse.Namespace) -> int:
+    """Estimate depth for a stored run (a companion map beside its files)."""
     from jobs.depth import depth_for_run
     from pipeline.depth import load_depth_model
     from pipeline.models import ModelNotFoundError
@@ -81,34 +83,34 @@ def cmd_depth(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from jobs.gallery import DEFAULT_SPEC, build_gallery
+    """Build a curated gallery from a spec file, skipping runs already stored."""
+    from jobs.gallery import DEFAULT_SPEC, build_gallery, load_spec
     from pipeline.models import ModelNotFoundError
-
-    def progress(i: int, n: int, run_id: str) -> None:
-        print(f"run {i}/{n}: {run_id}", file=sys.stderr, flush=True)
 
     spec = Path(args.spec) if args.spec else DEFAULT_SPEC
     if not spec.is_file():
         raise CliError(f"stepx gallery: no spec file {spec}", 2)
-    try:
-        report = build_gallery(store_root(args.store), spec, args.model, progress)
-    except ModelNotFoundError as exc:
-        raise CliError(f"stepx gallery: {exc}") from None
+    load_spec(spec)  # a malformed spec fails here with one line, before any model loads
+    with tqdm(desc="stepx gallery", unit="run", file=sys.stderr) as bar:
+
+        def progress(i: int, n: int, run_id: str) -> None:
+            bar.total = n
+            bar.set_postfix_str(run_id)
+            bar.update(i - bar.n)
+
+        try:
+            report = build_gallery(store_root(args.store), spec, args.model, progress)
+        except ModelNotFoundError as exc:
+            raise CliError(f"stepx gallery: {exc}") from None
     print(json.dumps(report))
     return 0
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    """Write TITAN object annotations of runs as a COCO JSON file."""
     from analysis.titan import coco_for_runs, dumps
 
-    threshold: str | float = args.threshold
-    if threshold != "otsu":
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            raise CliError("stepx annotate: --threshold is 'otsu' or a number between 0 and 1", 2) from None
-        if not 0 < threshold < 1:
-            raise CliError("stepx annotate: --threshold is 'otsu' or a number between 0 and 1", 2)
+    check_out_path(args.out, "stepx annotate: --out")
     store = open_store(args)
     if args.run:
         store.run(args.run)
@@ -117,8 +119,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         run_ids = [r["run_id"] for r in store.runs(gallery=args.gallery)][::-1]
         if not run_ids:
             raise CliError(f"stepx annotate: no runs in gallery {args.gallery!r}")
-    doc = coco_for_runs(store, run_ids, threshold, guided=not args.daam_only)
-    Path(args.out).write_text(dumps(doc))
+    doc = coco_for_runs(store, run_ids, args.threshold, guided=not args.daam_only)
+    write_output(args.out, dumps(doc), "stepx annotate: --out")
     print(f"{len(doc['annotations'])} annotations on {len(doc['images'])} images -> {args.out}")
     return 0
 
@@ -126,16 +128,25 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.models import ModelNotFoundError
     from shapes.evaluate import evaluate, update_card, write_report
+    from shapes.scenes import check_suite
 
+    if args.card and args.split != "test":
+        raise CliError("stepx eval: --card takes test-split numbers only (drop --split validation)", 2)
     try:
-        report = evaluate(store_root(args.store), args.model, args.n, guidance=args.guidance, steps=args.steps)
+        check_suite(args.split, args.n, args.seeds)
+    except ValueError as exc:
+        raise CliError(f"stepx eval: {exc}", 2) from None
+    try:
+        report = evaluate(
+            store_root(args.store), args.model, args.n, args.split, args.seeds, guidance=args.guidance, steps=args.steps
+        )
     except ModelNotFoundError as exc:
         raise CliError(f"stepx eval: {exc}") from None
     print(report.table())
     if args.out:
         write_report(report, Path(args.out))
     if args.card:
-        command = f"stepx eval --n {args.n} --steps {args.steps}" + (
+        command = f"stepx eval --split {args.split} --seeds {args.seeds} --n {args.n} --steps {args.steps}" + (
             f" --guidance {args.guidance:g}" if args.guidance is not None else ""
         )
         try:
@@ -146,12 +157,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve the dashboard's job queue."""
     from jobs.worker import serve
+    from pipeline.generate import check_device
 
+    check_device(args.device)
     return serve(store_root(args.store), args.once, args.poll, args.device)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    """Write synthetic runs (scale tests)."""
     from jobs.synth import synth_store
 
     report = synth_store(store_root(args.store), args.runs, args.steps, args.geometry, args.seed)

@@ -34,12 +34,20 @@ def stepx(*args: str, store: Path | None = None, timeout: int = 300) -> subproce
         (["generate", "   "], "prompt is empty"),
         (["generate", "a cat", "--model", "nope"], "unknown model 'nope'"),
         (["generate", "a cat", "--width", "100"], "multiple of 8"),
-        (["generate", "a cat", "--height", "-8"], "greater than 0"),
-        (["generate", "a cat", "--steps", "0"], "greater than 0"),
-        (["generate", "a cat", "--steps", "-3"], "greater than 0"),
+        (["generate", "a cat", "--height", "-8"], "between 8 and 4096"),
+        (["generate", "a cat", "--steps", "0"], "between 1 and 1000"),
+        (["generate", "a cat", "--steps", "-3"], "between 1 and 1000"),
+        (["generate", "a cat", "--model", "shapes", "--width", "2048"], "between 32 and 128 px for the shapes model"),
+        (["generate", "a cat", "--model", "tiny-random", "--steps", "1000"], "at most 999 for this model's DDIM"),
+        (["generate", "a cat", "--model", "tiny-random", "--device", "cuda"], "--device cuda"),
+        (["sql", "SELECT 1", "--max-rows", "1e20"], "whole number"),
+        (["sql", "SELECT 1", "--timeout", "nan"], "seconds above 0"),
+        (["runs", "--store", "/etc/passwd"], "is a file, not a store folder"),
+        (["annotate", "--run", "x", "--out", "/"], "is a folder"),
+        (["gallery", "build", "--spec", "/etc/passwd"], "is not JSON"),
         (["generate", "a cat", "--steps", "many"], "whole number"),
         (["generate", "a cat", "--guidance", "nan"], "between 0 and 50"),
-        (["generate", "a cat", "--seed", "-1"], "between 0"),
+        (["generate", "a cat", "--seed", "-1"], "between 0 and 4294967295"),
         (["generate", "a\x07cat", "--model", "tiny-random"], "control characters"),
         (["generate", "a cat", "--model", "sd15"], "not found in the Hugging Face cache"),
         (["generate", "a cat", "--model-path", "/nonexistent"], "no diffusers pipeline"),
@@ -76,7 +84,7 @@ def test_generate_then_read_back(tmp_path):
     assert res.returncode == 0, res.stderr
     run_id = res.stdout.strip()
     assert (tmp_path / "runs" / run_id / "cross_attention.parquet").is_file()
-    assert "step   3/3" in res.stderr
+    assert "3/3" in res.stderr  # the tqdm bar's last state
     listing = stepx("runs", store=tmp_path)
     assert run_id in listing.stdout and "a red circle on the left" in listing.stdout
     show = stepx("show", run_id, store=tmp_path)
