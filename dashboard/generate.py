@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard.state import generators, select_run, store_path
 from jobs import queue
+from schema import limits
 
 
 @dataclass
@@ -64,14 +65,33 @@ def request_form() -> GenerateRequest | None:
     st.caption(reason if model == preselect else by_name[model]["where"])
     spec = by_name[model]
     c1, c2, c3, c4 = st.columns(4)
-    seed = c1.number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
-    steps = c2.number_input("Steps", 1, 200, int(spec["steps"]), key=f"gen_steps_{model}")
-    guidance = c3.number_input("Guidance", 0.0, 30.0, float(spec["guidance"]), 0.5, key=f"gen_guidance_{model}")
-    size = c4.number_input("Size (px)", 64, 2048, int(spec["size"]), 64, key=f"gen_size_{model}")
+    lim = {name: limits.limit_for(name, model) for name in ("seed", "steps", "guidance", "width")}
+    seed = c1.number_input("Seed", lim["seed"].min, lim["seed"].max, 0, key="gen_seed")
+    steps = c2.number_input("Steps", lim["steps"].min, lim["steps"].max, int(spec["steps"]), key=f"gen_steps_{model}")
+    guidance = c3.number_input(
+        "Guidance",
+        float(lim["guidance"].min),
+        float(lim["guidance"].max),
+        float(spec["guidance"]),
+        0.5,
+        key=f"gen_guidance_{model}",
+    )
+    size = c4.number_input(
+        "Size (px)",
+        lim["width"].min,
+        lim["width"].max,
+        int(spec["size"]),
+        limits.SIZE_MULTIPLE,
+        key=f"gen_size_{model}",
+        help=f"{lim['width'].min} to {lim['width'].max} px for this model",
+    )
     if not st.button("Generate", type="primary", disabled=not spec["present"], key="gen_go"):
         return None
-    if not prompt.strip():
-        st.error("Write a prompt first.")
+    try:  # the same table the CLI and the queue check
+        limits.check_prompt(prompt, negative)
+        limits.check_generation(model, int(steps), int(size), int(size), int(seed), float(guidance))
+    except limits.LimitError as exc:
+        st.error(str(exc), icon=":material/block:")
         return None
     return GenerateRequest(prompt, negative, model, int(seed), int(steps), float(guidance), int(size), int(size))
 
