@@ -1,39 +1,47 @@
-"""Judge a generated shapes image against the objects its prompt asks for (numpy only).
+"""Judge a generated shapes image against the objects its prompt asks for (numpy + scikit-image).
 
-Pixels are classified to the nearest palette hue when saturated and bright enough; pixels of one
-colour are split into 4-connected components; a component's region is the named position whose
-anchor lies nearest its centroid. Per requested object the check reports
+Pixels are classified to the nearest palette hue when saturated and bright enough (HSV from
+`skimage.color.rgb2hsv`); pixels of one colour are split into 4-connected components
+(`skimage.measure.label`); a component's region is the named position whose anchor lies nearest
+its centroid. Each requested object, in the prompt's order, claims one component not yet claimed:
+the largest of its colour in its named region (anywhere if unnamed), else the largest of its colour
+anywhere, else the largest of any colour in its region. Per requested object the check reports
 
 - present: some coloured component (any colour) sits in the named region (anywhere if unnamed),
 - colour_ok: a component of the requested colour exists,
 - region_ok: a component of the requested colour sits in the named region,
 - correct: all three,
+- shape_ok: the claimed component sits in the region in the requested colour and its shape, told by
+  how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5), is the requested one,
 
-- shape_ok: that component's shape, told by how much of its bounding box it fills (square ~1,
-  circle ~0.79, triangle ~0.5), is the requested one,
-
-plus the predicted mask (the requested colour's components in the named region, else its
-largest component, else the largest component of any colour in the region) for IoU.
+plus the claimed component's mask (the object as drawn) for IoU. Everything no request claimed is
+an unrequested object: a palette-coloured component, or a blob that stands out from the background
+(any colour, grey and black included) without touching a palette-coloured component. An image is
+clean when it has none.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from skimage.color import rgb2hsv
+from skimage.measure import label, regionprops
 
-from shapes.scenes import ANCHORS, IMAGE_SIZE, PALETTE, ObjectSpec
+from analysis.metrics import mask_iou
+from shapes.scenes import ANCHORS, BACKGROUND, IMAGE_SIZE, PALETTE, ObjectSpec
 
 MIN_SATURATION = 0.35
 MIN_VALUE = 0.25
 MAX_HUE_DISTANCE = 40.0  # degrees
 MIN_AREA_FRACTION = 20 / (64 * 64)
+# A pixel stands out from the background when a channel differs from it by more than this (0-255).
+FOREGROUND_DIFFERENCE = 60
 
 
 @dataclass
 class Component:
-    """A connected run of pixels of one palette colour."""
+    """A connected run of pixels of one palette colour ('other' for a blob outside the palette)."""
 
     colour: str
     mask: np.ndarray = field(repr=False)
@@ -71,28 +79,27 @@ class ObjectCheck:
         return self.present and self.colour_ok and self.region_ok
 
 
-def _hue_saturation_value(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rgb = image[..., :3].astype(np.float64) / 255.0
-    value = rgb.max(axis=-1)
-    chroma = value - rgb.min(axis=-1)
-    saturation = np.where(value > 0, chroma / np.maximum(value, 1e-9), 0.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    safe = np.maximum(chroma, 1e-9)
-    hue = np.where(
-        value == r,
-        ((g - b) / safe) % 6.0,
-        np.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    return hue * 60.0, saturation, value
+@dataclass
+class ImageCheck:
+    """The verdict for one image: each requested object, and what was drawn that nobody asked for."""
+
+    objects: list[ObjectCheck]
+    unrequested: list[Component]
+
+    @property
+    def clean(self) -> bool:
+        """Nothing drawn beyond the requested objects."""
+        return not self.unrequested
 
 
 _PALETTE_NAMES = list(PALETTE)
-_PALETTE_HUES = _hue_saturation_value(np.array([list(PALETTE.values())], dtype=np.uint8))[0][0]
+_PALETTE_HUES = rgb2hsv(np.array([list(PALETTE.values())], dtype=np.uint8))[0, :, 0] * 360.0
 
 
 def classify_pixels(image: np.ndarray) -> np.ndarray:
     """Palette index per pixel (order of `PALETTE`), -1 for background or unclear pixels."""
-    hue, saturation, value = _hue_saturation_value(image)
+    hsv = rgb2hsv(image[..., :3])
+    hue, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
     diff = np.abs(hue[..., None] - _PALETTE_HUES[None, None, :])
     diff = np.minimum(diff, 360.0 - diff)
     nearest = diff.argmin(axis=-1)
@@ -106,76 +113,85 @@ def region_of(x: float, y: float, size: int) -> str:
     return min(ANCHORS, key=lambda p: (ANCHORS[p][0] * scale - x) ** 2 + (ANCHORS[p][1] * scale - y) ** 2)
 
 
-def _label(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask, as boolean masks."""
-    seen = np.zeros_like(mask, dtype=bool)
-    h, w = mask.shape
+def _components(mask: np.ndarray, colour: str, min_area: int, size: int) -> list[Component]:
+    """4-connected components of a boolean mask with at least min_area pixels."""
     out = []
-    for sy, sx in zip(*np.nonzero(mask), strict=True):
-        if seen[sy, sx]:
+    for r in regionprops(label(mask, connectivity=1)):
+        if r.area < min_area:
             continue
-        comp = np.zeros_like(mask, dtype=bool)
-        queue = deque([(sy, sx)])
-        seen[sy, sx] = True
-        while queue:
-            y, x = queue.popleft()
-            comp[y, x] = True
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        out.append(comp)
+        comp = np.zeros(mask.shape, dtype=bool)
+        comp[r.coords[:, 0], r.coords[:, 1]] = True
+        cy, cx = r.centroid
+        out.append(Component(colour, comp, int(r.area), (cx + 0.5, cy + 0.5), region_of(cx + 0.5, cy + 0.5, size)))
     return out
 
 
-def find_components(image: np.ndarray, min_area: int | None = None) -> list[Component]:
-    """Coloured components of at least min_area pixels (default scales 20 px at 64 x 64)."""
+def _min_area(image: np.ndarray, min_area: int | None) -> int:
     h, w = image.shape[:2]
-    if min_area is None:
-        min_area = max(1, round(MIN_AREA_FRACTION * h * w))
+    return max(1, round(MIN_AREA_FRACTION * h * w)) if min_area is None else min_area
+
+
+def find_components(image: np.ndarray, min_area: int | None = None) -> list[Component]:
+    """Palette-coloured components of at least min_area pixels (default scales 20 px at 64 x 64)."""
+    size, area = max(image.shape[:2]), _min_area(image, min_area)
     labels = classify_pixels(image)
-    comps = []
-    for idx, name in enumerate(_PALETTE_NAMES):
-        for comp in _label(labels == idx):
-            area = int(comp.sum())
-            if area < min_area:
-                continue
-            ys, xs = np.nonzero(comp)
-            cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
-            comps.append(Component(name, comp, area, (cx, cy), region_of(cx, cy, max(h, w))))
-    return comps
+    return [c for idx, name in enumerate(_PALETTE_NAMES) for c in _components(labels == idx, name, area, size)]
 
 
-def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | None = None) -> list[ObjectCheck]:
-    """Per requested object: present, right colour, right region, and a predicted mask."""
+def foreign_blobs(image: np.ndarray, palette: list[Component], min_area: int | None = None) -> list[Component]:
+    """Blobs that stand out from the background and touch no palette-coloured component."""
+    size, area = max(image.shape[:2]), _min_area(image, min_area)
+    standout = np.abs(image[..., :3].astype(np.int16) - np.array(BACKGROUND, dtype=np.int16)).max(axis=-1)
+    coloured = np.logical_or.reduce([c.mask for c in palette]) if palette else np.zeros(image.shape[:2], bool)
+    blobs = _components(standout > FOREGROUND_DIFFERENCE, "other", area, size)
+    return [b for b in blobs if not (b.mask & coloured).any()]
+
+
+def check_image(image: np.ndarray, objects: list[ObjectSpec], min_area: int | None = None) -> ImageCheck:
+    """Per requested object: present, right colour, right region, shape and mask; plus unrequested objects."""
     comps = find_components(image, min_area)
     empty = np.zeros(image.shape[:2], dtype=bool)
+    claimed: set[int] = set()
     checks = []
     for spec in objects:
 
         def in_region(c: Component, spec: ObjectSpec = spec) -> bool:
             return spec.position is None or c.region == spec.position
 
-        same = [c for c in comps if c.colour == spec.colour]
-        placed = [c for c in same if in_region(c)]
-        anywhere = [c for c in comps if in_region(c)]
-        if placed:
-            mask = np.logical_or.reduce([c.mask for c in placed])
-        elif same:
-            mask = max(same, key=lambda c: c.area).mask
-        elif anywhere:
-            mask = max(anywhere, key=lambda c: c.area).mask
-        else:
-            mask = empty
-        shape_ok = any(c.shape == spec.shape for c in placed)
+        same = [i for i, c in enumerate(comps) if c.colour == spec.colour]
+        placed = [i for i in same if in_region(comps[i])]
+        anywhere = [i for i, c in enumerate(comps) if in_region(c)]
+        mine = None
+        for pool in (placed, same, anywhere):
+            free = [i for i in pool if i not in claimed]
+            if free:
+                mine = max(free, key=lambda i: comps[i].area)
+                break
+        if mine is not None:
+            claimed.add(mine)
+        mask = comps[mine].mask if mine is not None else empty
+        shape_ok = mine in placed and comps[mine].shape == spec.shape
         checks.append(ObjectCheck(spec, bool(anywhere), bool(same), bool(placed), mask.copy(), shape_ok))
-    return checks
+    extra = [c for i, c in enumerate(comps) if i not in claimed] + foreign_blobs(image, comps, min_area)
+    return ImageCheck(checks, extra)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (0 when both are empty)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | None = None) -> list[ObjectCheck]:
+    """Per requested object: present, right colour, right region, and a predicted mask."""
+    return check_image(image, objects, min_area).objects
 
 
-__all__ = ["Component", "ObjectCheck", "check_objects", "classify_pixels", "find_components", "iou", "region_of"]
+# Kept while shapes/train.py (being split into modules) still imports it; new code uses analysis.metrics.mask_iou.
+iou = mask_iou
+
+__all__ = [
+    "Component",
+    "ImageCheck",
+    "ObjectCheck",
+    "check_image",
+    "check_objects",
+    "classify_pixels",
+    "find_components",
+    "foreign_blobs",
+    "region_of",
+]

@@ -3,6 +3,7 @@ validated with pycocotools."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.detection import detect, guided_map, mask_iou, resample, threshold_value
-from analysis.titan import coco_for_runs, prompt_objects
+from analysis import detection
+from analysis.detection import detect, guided_map, resample, threshold_value
+from analysis.metrics import mask_iou, otsu_threshold
+from analysis.titan import annotate, coco_for_runs, prompt_objects
 from jobs.synth import synth_store
 from store import Store
 
@@ -42,7 +45,9 @@ def test_manual_threshold_changes_the_region_and_merging():
     loose = detect(heat, "x", (64, 64), threshold=0.2)[0]
     tight = detect(heat, "x", (64, 64), threshold=0.8)[0]
     assert loose.area > 2 * tight.area
-    assert 0 < threshold_value(heat / heat.max()) < 1
+    norm = heat / heat.max()
+    assert 0 < threshold_value(norm) < 1 and threshold_value(norm) == otsu_threshold(norm)
+    assert threshold_value(np.ones((4, 4))) == 1.0  # a flat map has no Otsu threshold: only its maximum passes
     with pytest.raises(ValueError):
         threshold_value(heat, 1.5)
     ring = blob((16, 16), 8, 5, 1.2) + blob((16, 16), 8, 8, 1.2)  # two overlapping lobes merge into one object
@@ -77,9 +82,22 @@ def test_coco_json_valid_for_gallery(tmp_path):
     store = Store(tmp_path)
     out = tmp_path / "coco.json"
     res = subprocess.run(
-        [sys.executable, "-m", "stepx.cli", "annotate", "--gallery", "synthetic", "--out", str(out),
-         "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "stepx.cli",
+            "annotate",
+            "--gallery",
+            "synthetic",
+            "--out",
+            str(out),
+            "--store",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(out.read_text())
     coco = COCO(str(out))
@@ -99,7 +117,28 @@ def test_coco_json_valid_for_gallery(tmp_path):
 
 def test_annotate_cli_errors(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "stepx.cli", "annotate", "--gallery", "nope", "--out", str(tmp_path / "x.json"),
-         "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "stepx.cli",
+            "annotate",
+            "--gallery",
+            "nope",
+            "--out",
+            str(tmp_path / "x.json"),
+            "--store",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and "no runs in gallery 'nope'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_default_method_is_one_measured_and_every_caller_follows_it():
+    """`stepx eval` compares both methods on the test split; annotate, COCO export and the CLI take the winner."""
+    assert detection.DEFAULT_METHOD in detection.METHODS
+    assert (detection.DEFAULT_METHOD == detection.GUIDED) == detection.GUIDED_BY_DEFAULT
+    for fn in (annotate, coco_for_runs):
+        assert inspect.signature(fn).parameters["guided"].default == detection.GUIDED_BY_DEFAULT

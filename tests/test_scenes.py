@@ -1,15 +1,23 @@
-"""The embedded model's data and judge: procedural scenes, captions, held-out split, the image
-checker that `stepx eval` uses, and the grounding loss of the training recipe."""
+"""The embedded model's data and judge: procedural scenes, captions, the held-out combinations, the
+validation and test splits, the image checker that `stepx eval` uses, and the grounding loss of the
+training recipe."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
+from analysis.metrics import mask_iou
 from shapes import scenes
-from shapes.check import check_objects, find_components, iou
-from shapes.scenes import HELDOUT, ObjectSpec, heldout_suite, parse_caption, render, training_scene
+from shapes.check import check_image, check_objects, find_components
+from shapes.scenes import HELDOUT, ObjectSpec, parse_caption, render, training_scene, validation_suite
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_caption_round_trips_through_the_parser():
@@ -47,11 +55,50 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
     for seed in range(400):
         for obj in training_scene(seed).objects:
             assert (obj.spec.colour, obj.spec.shape, obj.position) not in HELDOUT
-    suite = heldout_suite(12)
-    assert [len(s.objects) for s in suite] == [1, 2, 3] * 4
-    for s in suite:
-        assert any((o.spec.colour, o.spec.shape, o.position) in HELDOUT for o in s.objects)
-        assert all(o.spec.position is not None for o in s.objects)
+    for split in scenes.SPLITS:
+        suite = scenes.suite(split, 12)
+        assert [len(s.objects) for s in suite] == [1, 2, 3] * 4
+        for s in suite:
+            assert any((o.spec.colour, o.spec.shape, o.position) in HELDOUT for o in s.objects)
+            assert all(o.spec.position is not None for o in s.objects)
+
+
+def test_validation_and_test_splits_share_no_scene_and_no_seed():
+    val, test = scenes.suite("validation", scenes.MAX_SUITE), scenes.suite("test", scenes.MAX_SUITE)
+    assert [s.caption for s in val[:24]] == [s.caption for s in validation_suite(24)]  # training's own split
+    val_keys, test_keys = {scenes.scene_key(s) for s in val}, {scenes.scene_key(s) for s in test}
+    assert len(test_keys) == len(test) and not val_keys & test_keys
+    # Multi-object test prompts are new text; one-object captions (only eight exist) differ in layout.
+    multi = {s.caption for s in val if len(s.objects) > 1}
+    assert not any(s.caption in multi for s in test if len(s.objects) > 1)
+    assert len({s.caption for s in test if len(s.objects) == 1}) <= len(HELDOUT)
+    most = scenes.SEEDS_PER_SCENE
+    val_seeds = {x for i in range(len(val)) for x in scenes.noise_seeds("validation", i, most)}
+    test_seeds = {x for i in range(len(test)) for x in scenes.noise_seeds("test", i, most)}
+    assert len(test_seeds) == len(test) * most and not val_seeds & test_seeds
+    assert val_seeds <= set(scenes.VALIDATION_SEEDS) and test_seeds <= set(scenes.TEST_SEEDS)
+    assert max(test_seeds) < 2**31  # a seed every generation path accepts
+    assert (
+        scenes.noise_seeds("test", 3, 2) == scenes.noise_seeds("test", 3, 5)[:2]
+    )  # more seeds extend, never reshuffle
+    for bad in (("train", 1, 1), ("test", 0, 1), ("test", scenes.MAX_SUITE + 1, 1), ("test", 1, most + 1)):
+        with pytest.raises(ValueError):
+            scenes.check_suite(*bad)
+
+
+def test_only_the_evaluator_reaches_the_test_split():
+    """Training code (everything under shapes/ but the evaluator) never names the test split or its seeds."""
+    names = re.compile(r"""TEST_SEEDS|_TEST_STREAM|_test_split|["']test["']""")
+    sources = sorted((ROOT / "shapes").rglob("*.py"))
+    assert {p.name for p in sources} >= {"scenes.py", "evaluate.py", "check.py"}
+    users = {p.relative_to(ROOT).as_posix() for p in sources if names.search(p.read_text(encoding="utf-8"))}
+    assert users == {"shapes/scenes.py", "shapes/evaluate.py"}
+    elsewhere = [
+        p
+        for folder in ("pipeline", "jobs", "dashboard", "analysis", "schema", "store", "stepx")
+        for p in (ROOT / folder).rglob("*.py")
+    ]
+    assert not [p for p in elsewhere if re.search(r"TEST_SEEDS|_TEST_STREAM|_test_split", p.read_text("utf-8"))]
 
 
 def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combination():
@@ -70,7 +117,11 @@ def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combina
         for obj, new in zip(scene.objects, twin.objects, strict=True):
             assert new.spec.shape != obj.spec.shape
             assert (new.spec.colour, new.position, new.size, new.centre) == (
-                obj.spec.colour, obj.position, obj.size, obj.centre)  # fmt: skip
+                obj.spec.colour,
+                obj.position,
+                obj.size,
+                obj.centre,
+            )
             assert (new.spec.colour, new.spec.shape, new.position) not in HELDOUT
             x0, y0, x1, y1 = obj.bbox  # the same box for every shape, antialiased edges included
             union[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = True
@@ -80,11 +131,40 @@ def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combina
 
 
 def test_checker_accepts_the_rendered_scene_and_finds_its_masks():
-    for scene in heldout_suite(9, seed=5):
-        checks = check_objects(scene.image, parse_caption(scene.caption))
-        assert all(c.correct and c.shape_ok for c in checks)
-        for c, obj in zip(checks, scene.objects, strict=True):
-            assert iou(c.mask, obj.mask) > 0.8
+    for scene in validation_suite(9):
+        verdict = check_image(scene.image, parse_caption(scene.caption))
+        assert verdict.clean and all(c.correct and c.shape_ok for c in verdict.objects)
+        for c, obj in zip(verdict.objects, scene.objects, strict=True):
+            assert mask_iou(c.mask, obj.mask) > 0.8
+
+
+def _paint(image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> np.ndarray:
+    canvas = Image.fromarray(image)
+    ImageDraw.Draw(canvas).rectangle(box, fill=colour)
+    return np.asarray(canvas).copy()
+
+
+def test_an_image_is_clean_only_when_nothing_unrequested_is_drawn():
+    rng = np.random.default_rng(1)
+    scene = render(
+        [ObjectSpec("circle", "yellow", "left", "small"), ObjectSpec("square", "blue", "right", "large")], rng
+    )
+    asked = parse_caption(scene.caption)
+    assert check_image(scene.image, asked).clean
+    # A requested object alone is right, but the other one is drawn too: one unrequested blue object.
+    only_circle = check_image(scene.image, asked[:1])
+    assert only_circle.objects[0].correct and not only_circle.clean
+    assert [(c.colour, c.region) for c in only_circle.unrequested] == [("blue", "right")]
+    # A second object of a requested colour elsewhere counts; so does a blob outside the palette.
+    extra_yellow = check_image(_paint(scene.image, (28, 4, 36, 12), scenes.PALETTE["yellow"]), asked)
+    assert all(c.correct for c in extra_yellow.objects) and [c.colour for c in extra_yellow.unrequested] == ["yellow"]
+    grey = check_image(_paint(scene.image, (28, 50, 36, 58), (90, 90, 90)), asked)
+    assert all(c.correct for c in grey.objects)
+    assert [(c.colour, c.region) for c in grey.unrequested] == [("other", "bottom")]
+    faint = check_image(_paint(scene.image, (28, 50, 36, 58), (225, 225, 225)), asked)  # background shading
+    assert faint.clean
+    specks = check_image(_paint(scene.image, (30, 30, 32, 32), scenes.PALETTE["red"]), asked)  # 9 px: below size
+    assert specks.clean
 
 
 def test_checker_rejects_wrong_colour_wrong_place_and_blank():
@@ -122,8 +202,10 @@ def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
     own = probs({1: left, 2: left, 3: right, 4: right})
     swapped = probs({1: right, 2: right, 3: left, 4: left})
     shared = probs({1: left + right, 2: left + right, 3: left + right, 4: left + right})
-    loss = {name: grounding_loss([p], owner, masks, keep, cfg, step=10_000)[0].item()
-            for name, p in (("own", own), ("swapped", swapped), ("shared", shared))}  # fmt: skip
+    loss = {
+        name: grounding_loss([p], owner, masks, keep, cfg, step=10_000)[0].item()
+        for name, p in (("own", own), ("swapped", swapped), ("shared", shared))
+    }
     assert loss["own"] < loss["shared"] < loss["swapped"]
     _, stats = grounding_loss([own], owner, masks, keep, cfg, step=10_000)
     assert stats["mass_in"] == pytest.approx(1.0, abs=1e-3)
