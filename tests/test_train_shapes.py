@@ -1,19 +1,26 @@
-"""`make model`'s trainer on a miniature recipe: VAE, data, joint training, checkpoint resume and
-export to a StableDiffusionPipeline that StepX traces like any other model."""
+"""`make model`'s trainer on a miniature recipe: VAE, data, joint training, checkpoint resume, export to a
+StableDiffusionPipeline that StepX traces like any other model, and two runs giving the same weights."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from shapes import train as train_shapes
-from shapes.train import Config, Logger, Trainer, export
+from shapes.config import Config, ConfigError, apply_overrides
 
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 MINI = Config(
+    threads=1,
     vae_channels=(8, 8, 16),
-    vae_minutes=0.02,
+    vae_steps=3,
     vae_batch=4,
     n_scenes=24,
     text_hidden=32,
@@ -22,32 +29,35 @@ MINI = Config(
     text_ff=64,
     unet_channels=(8, 16, 16),
     unet_heads=2,
+    steps=3,
     batch=4,
     curriculum=(1, 2),
-    ground_layout_start=0,
-    layout_noise_start=0,
     layout_noise_p=0.5,
-    shape_contrast_start=0,
     shape_contrast_n=2,
     eval_prompts=2,
     eval_steps=2,
 )
 
 
+@pytest.mark.slow
 def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     from pipeline.generate import GenerationConfig, generate_trace
     from pipeline.models import LoadedModel, load_model, module_fingerprint
+    from shapes import sample
+    from shapes.train import Trainer
+    from shapes.util import Logger
 
-    torch.set_num_threads(1)
     work = tmp_path / "work"
     work.mkdir()
     log = Logger(work / "log.txt")
     trainer = Trainer(MINI, work, log)
+    assert torch.get_num_threads() == MINI.threads
     assert trainer.data["latents"].shape == (24, 4, 16, 16)
-    assert trainer.run(minutes=5, max_steps=3)
+    assert trainer.run(minutes=5)  # the recipe's 3 steps: done
     assert trainer.state.step == 3 and (work / "ckpt.pt").is_file()
+    assert torch.load(work / "vae.pt", weights_only=False)["steps"] == MINI.vae_steps
     losses = trainer.step()
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()) and 0 < losses["mass_in"] <= 1
     assert losses["shape"] > 0  # the shape-twin term ran (an untrained model explains no shape change)
@@ -59,26 +69,30 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert torch.equal(resumed.data["ids"], trainer.data["ids"])
 
-    monkeypatch.setattr(train_shapes, "time_generation", lambda *a, **k: {"seconds": 0.0, "runs": 0, "steps": 20,
-                                                                          "threads": 1, "prompt": ""})  # fmt: skip
+    timing = {"seconds": 0.0, "runs": 0, "steps": 20, "threads": 1, "prompt": "p"}
+    monkeypatch.setattr(sample, "time_generation", lambda *a, **k: timing)
     out = tmp_path / "model"
-    export(resumed, out, log, final_eval=False)
-    assert (out / "README.md").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    sample.export(resumed, out, log, final_eval=False)
+    card = (out / "README.md").read_text()
+    assert "- shape twins: from the start (`shape_contrast_start` = 0)" in card and "$" not in card
+    assert "History of the committed weights" not in card  # this run followed the recipe, not that history
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for a, b in zip(pipe.unet.parameters(), resumed.ema_unet.parameters(), strict=True):
         assert torch.equal(a, b)
     model = LoadedModel(load_model("tiny-random").spec, pipe, "mini", module_fingerprint(pipe.unet), "cpu", "float32")
-    trace = generate_trace(model, GenerationConfig("a red circle on the left", steps=2, guidance=3.0, width=64,
-                                                   height=64), check_sums=True)  # fmt: skip
+    config = GenerationConfig("a red circle on the left", steps=2, guidance=3.0, width=64, height=64)
+    trace = generate_trace(model, config, check_sums=True)
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"][:4] == ["a", "red", "circle", "on"]
 
 
+@pytest.mark.slow
 def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
-    from dataclasses import replace
-
-    from shapes.train import build_data, make_tokenizer, make_vae
+    from shapes.data import build_data
+    from shapes.model import make_tokenizer, make_vae
+    from shapes.util import Logger
 
     cfg = replace(MINI, n_scenes=1001)  # three chunks of up to 500 scenes
     torch.manual_seed(0)
@@ -91,3 +105,72 @@ def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
     for key in ("latents", "ids", "owner", "masks", "count"):
         assert torch.equal(built[0][key], built[1][key]), key
     assert built[0]["count"].tolist()[:4] == [1, 2, 3, 1]
+
+
+def _mini_overrides() -> list[str]:
+    """MINI as `--set` arguments (the fields where it differs from the recipe)."""
+    default = asdict(Config())
+    return [f"{k}={json.dumps(v)}" for k, v in asdict(MINI).items() if v != default[k]]
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_miniature_recipe_give_bit_identical_weights(tmp_path):
+    """`stepx train-shapes` twice, each in a fresh work folder, run from an unrelated directory."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    blobs = []
+    for name in ("a", "b"):
+        work = tmp_path / name
+        cmd = [sys.executable, "-m", "stepx.cli", "train-shapes", "--work", str(work), "--out", str(tmp_path / "out")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        cmd += ["--no-export", "--set", *_mini_overrides()]
+        res = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        blobs.append({f: torch.load(work / f, weights_only=False) for f in ("vae.pt", "data.pt", "ckpt.pt")})
+    assert not (tmp_path / "out").exists()  # --no-export
+    a, b = blobs
+    assert a["ckpt.pt"]["state"]["step"] == MINI.steps
+    pairs = [(a["vae.pt"]["state"], b["vae.pt"]["state"]), (a["data.pt"], b["data.pt"])]
+    pairs += [(a["ckpt.pt"][k], b["ckpt.pt"][k]) for k in ("text", "unet", "ema_text", "ema_unet")]
+    compared = 0
+    for x, y in pairs:
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+            compared += 1
+    assert compared > 100
+    assert Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in a["ckpt.pt"]["config"].items()}) == MINI
+
+
+def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys):
+    from stepx.cli import main
+
+    work = tmp_path / "work"
+    for bad in ("nosuchfield=1", "batch=abc", "batch=1.5", "bf16=1", "curriculum=3", "steps=0", "lr"):
+        assert main(["train-shapes", "--work", str(work), "--set", bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("stepx train-shapes: --set") or err.startswith("stepx train-shapes: Config."), err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not work.exists()  # nothing written for a refused run
+
+
+def test_overrides_parse_json_values():
+    cfg = apply_overrides(Config(), ["batch=32", "curriculum=[10, 20]", "bf16=false", "lr=1e-3", "unet_mid=UNetMid"])
+    assert (cfg.batch, cfg.curriculum, cfg.bf16, cfg.lr, cfg.unet_mid) == (32, (10, 20), False, 1e-3, "UNetMid")
+    with pytest.raises(ConfigError):
+        apply_overrides(Config(), ["threads=0"])
+
+
+def test_config_defaults_are_the_recipe_the_card_documents():
+    from shapes.card import history_table, is_committed_schedule, schedule_text
+
+    table = history_table()
+    names = {f.name for f in fields(Config)}
+    assert {"ground_own_start", "shape_contrast_start", "steps", "vae_steps", "threads"} <= set(table) <= names
+    for name, (_, default) in table.items():
+        assert default == str(getattr(Config(), name)), name
+    assert not is_committed_schedule(Config())
+    committed = {k: int(v) for k, (v, _) in table.items() if k.endswith(("_start", "_stop"))}
+    assert is_committed_schedule(replace(Config(), **committed))
+    text = schedule_text(replace(Config(), ground_bg_stop=2404, layout_noise_start=-1))
+    assert "background loss: until step 2404" in text and "layout from pure noise: never" in text

@@ -1,0 +1,157 @@
+"""The exported model's README.md card: `card_template.md` filled from the run's config and scores.
+
+The committed weights' history (`card_history.md`) is told when the run's schedule is that run's;
+its table also states the recipe defaults, which a test holds to `Config`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import asdict
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+
+from shapes import scenes
+from shapes.config import Config, TrainState
+from shapes.model import unet_layout_text
+from shapes.vae import vae_shape_kept
+
+TEMPLATE = Path(__file__).with_name("card_template.md")
+HISTORY = Path(__file__).with_name("card_history.md")
+EVAL_SUITE = "scenes.heldout_suite"  # where the periodic evaluation and the export sweep take prompts
+
+_ROW = re.compile(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|$")
+# Which term a schedule field switches, and whether the step turns it on or off.
+_SCHEDULE = {
+    "ground_own_start": ("ownership loss", "on"),
+    "ground_bg_stop": ("background loss", "off"),
+    "ground_layout_start": ("position-only grounding at high noise", "on"),
+    "layout_noise_start": ("layout from pure noise", "on"),
+    "shape_contrast_start": ("shape twins", "on"),
+}
+
+
+def history_table() -> dict[str, tuple[str, str]]:
+    """Rows of the history's table: field -> (committed run's value, recipe default), as written."""
+    rows = {}
+    for line in HISTORY.read_text(encoding="utf-8").splitlines():
+        m = _ROW.match(line.strip())
+        if m:
+            rows[m.group(1)] = (m.group(2).strip(), m.group(3).strip())
+    return rows
+
+
+def is_committed_schedule(cfg: Config) -> bool:
+    """Whether `cfg` switches its terms at the committed run's steps (then its card tells that history)."""
+    steps = {k: int(v) for k, (v, _) in history_table().items() if k in _SCHEDULE}
+    return all(getattr(cfg, k) == v for k, v in steps.items())
+
+
+def schedule_text(cfg: Config) -> str:
+    """One bullet per scheduled term: from which step it was on (or until which step)."""
+    lines = []
+    for name, (term, switch) in _SCHEDULE.items():
+        step = getattr(cfg, name)
+        if switch == "on":
+            when = "never" if step < 0 else "from the start" if step == 0 else f"from step {step}"
+        else:
+            when = "never" if step == 0 else "throughout" if step < 0 else f"until step {step}"
+        lines.append(f"- {term}: {when} (`{name}` = {step})")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as the OS reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _score(row: dict[str, Any], key: str) -> str:
+    """A score cell, or a dash where an older evaluation did not measure it."""
+    return f"{row[key]:.3f}" if key in row else "-"
+
+
+def write_card(
+    out: Path,
+    cfg: Config,
+    state: TrainState,
+    work: Path,
+    vae: AutoencoderKL,
+    sweep: list[dict[str, Any]],
+    guidance: float,
+    timing: dict[str, Any],
+    size_mb: float,
+) -> None:
+    """Write `out/README.md`: data, recipe, training time, hardware, scores."""
+    from shapes.evaluate import CARD_END, CARD_START  # `stepx eval --card` fills between them (imports the store)
+
+    vae_blob = torch.load(work / "vae.pt", weights_only=False, map_location="cpu")
+    sweep_rows = "\n".join(
+        f"| {r['guidance']} | {r['objects_correct']:.3f} | {r['present']:.3f} | "
+        f"{r['colour_ok']:.3f} | {r['region_ok']:.3f} | {_score(r, 'shape_ok')} | {r['blank']:.3f} | "
+        f"{r['miou_daam']:.3f} | {r['miou_otsu']:.3f} | {r['miou_uniform']:.3f} |"
+        for r in sweep
+    )
+    eval_rows = "\n".join(
+        f"| {e['step']} | {e['objects_correct']:.3f} | {_score(e, 'shape_ok')} | {e['miou_daam']:.3f} "
+        f"| {e['miou_otsu']:.3f} |"
+        for e in state.evals
+    )
+    device = f"{cpu_name()} CPU ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        device += f" and {torch.cuda.get_device_name(0)}"
+    values: dict[str, Any] = {
+        **asdict(cfg),
+        "guidance": guidance,
+        "size_mb": f"{size_mb:.1f}",
+        "shapes": ", ".join(scenes.SHAPES),
+        "n_colours": len(scenes.COLOURS),
+        "colours": ", ".join(scenes.COLOURS),
+        "positions": ", ".join(scenes.POSITIONS),
+        "heldout": "\n".join(f"- {c} {s} at {p}" for c, s, p in scenes.HELDOUT),
+        "eval_suite": EVAL_SUITE,
+        "latent_size": cfg.latent_size,
+        "vae_steps": vae_blob["steps"],
+        "vae_minutes": f"{vae_blob['seconds'] / 60:.1f}",
+        "vae_l1": f"{vae_blob['l1']:.4f}",
+        "vae_recon": f"{vae_blob.get('recon_correct', float('nan')):.3f}",
+        "sf": f"{float(vae_blob['scaling_factor']):.4f}",
+        "unet_layout": unet_layout_text(cfg),
+        "cond_drop_pct": f"{cfg.cond_drop:.0%}",
+        "layout_noise_pct": f"{cfg.layout_noise_p:.0%}",
+        "bf16": "on" if cfg.bf16 else "off",
+        "curriculum_1": cfg.curriculum[0],
+        "curriculum_2": cfg.curriculum[1],
+        "schedule": schedule_text(cfg),
+        "step": state.step,
+        "hours": f"{state.train_seconds / 3600:.2f}",
+        "device": device,
+        "torch_version": torch.__version__,
+        "history": HISTORY.read_text(encoding="utf-8").strip() if is_committed_schedule(cfg) else "",
+        "sweep_prompts": sweep[0]["prompts"] if sweep else 0,
+        "sweep_rows": sweep_rows,
+        "timing_prompt": timing["prompt"],
+        "timing_steps": timing["steps"],
+        "timing_threads": timing["threads"],
+        "timing_seconds": f"{timing['seconds']:.2f}",
+        "timing_runs": timing["runs"],
+        "eval_rows": eval_rows,
+        "card_start": CARD_START,
+        "card_end": CARD_END,
+        "card_path": out / "README.md",
+        "vae_shape_kept": f"{vae_shape_kept(vae):.0%}",
+    }
+    text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
+    text = re.sub(r"\n{3,}", "\n\n", text)  # an empty history leaves no gap
+    (out / "README.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,97 @@
+"""The shapes model's parts, built from a `Config`: tokenizer, VAE, text encoder, UNet and schedulers.
+
+The architecture is Stable Diffusion's (diffusers and transformers classes), only smaller, so the
+exported pipeline loads and traces like any SD 1.x model.
+"""
+
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipeline.tiny import BOS, EOS, clip_tokenizer
+from shapes.config import Config
+
+CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: the model reads real CLIP token ids
+
+# Stable Diffusion's noise schedule: the sampler StepX uses must see the schedule the model learned.
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def make_tokenizer(cfg: Config) -> CLIPTokenizer:
+    """CLIP's BPE tokenizer (CLIP's ids, padded with the end token) cut to the model's short context."""
+    return clip_tokenizer(max_length=cfg.max_length)
+
+
+def make_vae(cfg: Config) -> AutoencoderKL:
+    """A 4x-downsampling KL autoencoder (64 px -> 16 x 16 x 4)."""
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=8,
+        sample_size=cfg.image_size,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(cfg: Config) -> CLIPTextModel:
+    """A small causal CLIP text transformer over CLIP's 49,408-token vocabulary."""
+    conf = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_ff,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        projection_dim=cfg.text_hidden,
+    )
+    return CLIPTextModel(conf)
+
+
+def make_unet(cfg: Config) -> UNet2DConditionModel:
+    """SD-style UNet; which levels carry cross-attention is part of the recipe (`Config.unet_down`...)."""
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=cfg.unet_down,
+        up_block_types=cfg.unet_up,
+        mid_block_type=cfg.unet_mid,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.unet_heads,
+        norm_num_groups=cfg.norm_groups,
+    )
+
+
+def make_train_scheduler() -> DDPMScheduler:
+    """Stable Diffusion's noise schedule (scaled_linear, 1000 steps, steps_offset=1)."""
+    return DDPMScheduler(**SD_BETAS, clip_sample=False, steps_offset=1)
+
+
+def make_sample_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M) on the training schedule, for 20-step sampling."""
+    return DPMSolverMultistepScheduler(**SD_BETAS, steps_offset=1)
+
+
+def unet_layout_text(cfg: Config) -> str:
+    """Which latent levels of the UNet carry cross-attention, in words (for the model card)."""
+    sides = [cfg.latent_size // 2**i for i in range(len(cfg.unet_down))]
+    down = [f"{s} x {s}" for s, b in zip(sides, cfg.unet_down, strict=True) if "CrossAttn" in b]
+    up = [f"{s} x {s}" for s, b in zip(reversed(sides), cfg.unet_up, strict=True) if "CrossAttn" in b]
+    mid = "CrossAttn" in cfg.unet_mid
+    return (
+        "levels " + ", ".join(f"{s} x {s}" for s in sides) + "; cross-attention in the down path at "
+        f"{', '.join(down) or 'no level'}, in the up path at {', '.join(up) or 'no level'}"
+        + (f", and in the mid block at {sides[-1]} x {sides[-1]}" if mid else ", none in the mid block")
+    )

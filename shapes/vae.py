@@ -1,0 +1,130 @@
+"""Stage 1: the VAE that maps 64 px scenes to a 16 x 16 x 4 latent, trained for a fixed number of steps.
+
+Trained on random 32 px crops (aligned to the 4 px latent cells) with bf16 autocast and an
+object-weighted L1 + MSE loss, so the flat background does not drown out colour errors. Crops, the
+posterior sample and the learning rate are keyed to (seed, step): two runs give the same VAE.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from shapes import scenes
+from shapes.check import check_objects
+from shapes.config import Config
+from shapes.model import make_vae
+from shapes.util import Logger, atomic_save, to_tensor_images, to_uint8_images
+
+VAE_SCENE_SEED = 10_000_000  # training crops come from scenes 10M + step * batch + i
+VAE_HELDOUT_SEED = 20_000_000  # 256 scenes to measure the finished VAE on
+VAE_SHAPE_SEED = 100_000  # 200 scenes for the card's "the VAE alone keeps the shape of ..."
+
+
+def vae_loss_weights(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights (B, 1, H, W): 10 on object pixels, 1 on the plain background."""
+    bg = torch.tensor(scenes.BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1) / 127.5 - 1.0
+    fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.05).to(x.dtype)
+    return 1.0 + 9.0 * fg
+
+
+def vae_lr(cfg: Config, step: int) -> float:
+    """Cosine decay from `vae_lr` to 10% of it over `vae_steps`."""
+    frac = step / max(cfg.vae_steps, 1)
+    return cfg.vae_lr * (0.5 * (1 + math.cos(math.pi * frac)) * 0.9 + 0.1)
+
+
+def _crops(cfg: Config, step: int) -> torch.Tensor:
+    """The batch of step `step`: 32 px crops of fresh training scenes, at latent-cell offsets."""
+    rng = np.random.default_rng([cfg.seed, step, 17])
+    crop = cfg.image_size // 2
+    out = []
+    for i in range(cfg.vae_batch):
+        image = scenes.training_scene(VAE_SCENE_SEED + step * cfg.vae_batch + i, size=cfg.image_size).image
+        y, x = (rng.integers(0, (cfg.image_size - crop) // 4 + 1, size=2) * 4).tolist()
+        out.append(image[y : y + crop, x : x + crop])
+    return to_tensor_images(out)
+
+
+def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, float]:
+    """Train (or load `vae.pt` from the work folder) the VAE; returns it with the latent scaling factor."""
+    path = work / "vae.pt"
+    torch.manual_seed(cfg.seed)  # the initial weights: the same in every run
+    vae = make_vae(cfg)
+    if path.exists():
+        blob = torch.load(path, weights_only=False, map_location="cpu")
+        vae.load_state_dict(blob["state"])
+        return vae.eval(), float(blob["scaling_factor"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    n_params = sum(p.numel() for p in vae.parameters())
+    log(f"vae: training {n_params / 1e6:.2f}M params for {cfg.vae_steps} steps")
+    start = time.time()
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = vae_lr(cfg, step)
+        x = _crops(cfg, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=gen)).sample
+        w = vae_loss_weights(x)
+        err = rec.float() - x
+        l1 = (err.abs() * w).mean() / w.mean()
+        mse = (err.pow(2) * w).mean() / w.mean()
+        kl = post.kl().float().mean()
+        loss = l1 + mse + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(
+                f"vae step {step} weighted l1 {l1.item():.4f} mse {mse.item():.4f} "
+                f"kl {kl.item():.1f} {(step + 1) / (time.time() - start):.2f} it/s"
+            )
+    vae.eval()
+    with torch.no_grad():
+        held = [scenes.training_scene(VAE_HELDOUT_SEED + i, size=cfg.image_size) for i in range(256)]
+        x = to_tensor_images([s.image for s in held])
+        lat = vae.encode(x).latent_dist.mean
+        rec = vae.decode(lat).sample
+        l1 = (rec - x).abs().mean().item()
+    images = to_uint8_images(rec)
+    judged = [
+        c.correct for s, im in zip(held, images, strict=True) for c in check_objects(im, [o.spec for o in s.objects])
+    ]
+    sf = float(1.0 / lat.std())  # latents scaled to unit std, as SD's VAE scaling factor does
+    log(
+        f"vae done: {cfg.vae_steps} steps, held-out L1 {l1:.4f}, reconstructions judged correct "
+        f"{np.mean(judged):.3f}, scaling_factor {sf:.4f}"
+    )
+    blob = {
+        "state": vae.state_dict(),
+        "scaling_factor": sf,
+        "l1": l1,
+        "steps": cfg.vae_steps,
+        "recon_correct": float(np.mean(judged)),
+        "seconds": time.time() - start,
+    }
+    atomic_save(blob, path)
+    return vae, sf
+
+
+@torch.no_grad()
+def vae_shape_kept(vae: AutoencoderKL, n: int = 200) -> float:
+    """Share of objects whose shape the scene check still reads after a VAE round trip."""
+    kept = total = 0
+    dev = next(vae.parameters()).device
+    size = vae.config.sample_size
+    for lo in range(0, n, 50):
+        batch = [scenes.training_scene(VAE_SHAPE_SEED + i, size=size) for i in range(lo, min(n, lo + 50))]
+        x = vae.decode(vae.encode(to_tensor_images([s.image for s in batch]).to(dev)).latent_dist.mean).sample
+        for scene, image in zip(batch, to_uint8_images(x), strict=True):
+            checks = check_objects(image, [o.spec for o in scene.objects])
+            kept += sum(c.shape_ok for c in checks)
+            total += len(checks)
+    return kept / max(total, 1)
