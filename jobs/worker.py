@@ -2,32 +2,77 @@
 
     stepx worker [--store DIR] [--once] [--poll 0.5]
 
-Each job's trace is written atomically, so a worker killed mid-job leaves no visible run; on
-restart the job is requeued once (then failed). A file lock keeps one worker per store.
+A file lock keeps one worker per store, so a worker that takes it recovers every job left `running`
+(whatever PID ran it). A heartbeat thread records the worker and its job every few seconds, during
+long steps and model loads too. Each job writes the run id fixed when it was queued, and a run
+already on disk under that id is indexed instead of generated again: a retried job never yields two
+runs. A cancelled job stops at its next step and writes nothing.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
+import sqlite3
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from jobs import queue
 
 
+class JobCancelled(Exception):
+    """Raised from the step callback when the job was cancelled (or taken over) meanwhile."""
+
+
+@contextmanager
+def heartbeat(store: Path, device: str, current: dict) -> Iterator[None]:
+    """Beat for the worker (and for current['job'], when set) every queue.BEAT_S seconds, from a thread."""
+    stop = threading.Event()
+    pid, started = os.getpid(), time.time()
+
+    def beat() -> None:
+        while True:
+            try:
+                queue.worker_beat(store, pid, started, device)
+                job = current.get("job")
+                if job is not None:
+                    queue.beat_job(store, job)
+            except sqlite3.Error as exc:  # a busy or damaged queue file: say so, keep beating
+                print(f"stepx worker: heartbeat failed: {exc}", file=sys.stderr, flush=True)
+            if stop.wait(queue.BEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="stepx-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> None:
-    """Generate one job's request and record the outcome."""
+    """Generate one job's request and record the outcome (done, failed with the reason, or cancelled)."""
     from pipeline.generate import GenerationConfig, GenerationError, generate_trace
+    from pipeline.index import update_index
     from pipeline.models import ModelNotFoundError, load_model
     from pipeline.trace_writer import write_trace
+    from schema.layout import run_dir
 
     req = job.request
     if req.get("kind") == "depth":
         run_depth_job(store, job)
         return
     try:
-        name = req.get("model")
+        if run_dir(store, job.run_id).is_dir():  # an earlier attempt wrote it before its worker died
+            update_index(store)
+            queue.finish(store, job, run_id=job.run_id)
+            return
+        name = req["model"]
         if name not in models:
             models.clear()  # one model in memory at a time
             models[name] = load_model(name, device=device)
@@ -39,37 +84,45 @@ def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> No
         )  # fmt: skip
 
         def on_step(step: int, total: int) -> None:
-            queue.progress(store, job.job_id, step, total)
+            if not queue.progress(store, job, step, total):
+                raise JobCancelled
 
         trace = generate_trace(model, config, on_step=on_step)
-        run_id = write_trace(store, trace).run_id
+        if not queue.wanted(store, job):
+            raise JobCancelled
+        trace.run["run_id"] = job.run_id
+        run_id = write_trace(store, trace, exist_ok=True).run_id
+    except JobCancelled:
+        queue.finish(store, job, error="cancelled while running", cancelled=True)
+        return
     except (GenerationError, ModelNotFoundError, ValueError) as exc:
-        queue.finish(store, job.job_id, error=str(exc))
+        queue.finish(store, job, error=str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving; the job records why it failed
-        queue.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
+        queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
         return
-    queue.finish(store, job.job_id, run_id=run_id)
+    queue.finish(store, job, run_id=run_id)
 
 
 def run_depth_job(store: Path, job: queue.Job) -> None:
-    """Estimate depth for an existing run."""
+    """Estimate depth for an existing run (the store checks its id against the index first)."""
     from jobs.depth import depth_for_run
     from pipeline.depth import load_depth_model
     from pipeline.models import ModelNotFoundError
+    from store import StoreError
 
     req = job.request
     try:
-        queue.progress(store, job.job_id, 0, 1)
+        queue.progress(store, job, 0, 1)
         depth_for_run(store, req["run_id"], load_depth_model(req.get("depth_model", "zoedepth")))
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as exc:
-        queue.finish(store, job.job_id, error=str(exc))
+    except (ModelNotFoundError, FileNotFoundError, ValueError, StoreError) as exc:
+        queue.finish(store, job, error=str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving
-        queue.finish(store, job.job_id, error=f"{type(exc).__name__}: {exc}")
+        queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
         return
-    queue.progress(store, job.job_id, 1, 1)
-    queue.finish(store, job.job_id, run_id=req["run_id"])
+    queue.progress(store, job, 1, 1)
+    queue.finish(store, job, run_id=req["run_id"])
 
 
 def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | None = None) -> int:
@@ -86,18 +139,29 @@ def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | No
         return 1
     device = device or best_device()
     models: dict = {}
+    recovered = queue.recover(store, force=True)  # we hold the lock: no other worker runs these
+    if recovered:
+        print(f"stepx worker: recovered jobs {recovered} left by a stopped worker", file=sys.stderr, flush=True)
     print(f"stepx worker: serving {store} on {device}", file=sys.stderr, flush=True)
-    last_beat = 0.0
-    while True:
-        if time.time() - last_beat > 5:
-            queue.worker_beat(store, device)
-            queue.recover(store)
-            last_beat = time.time()
-        job = queue.claim(store)
-        if job is None:
-            if once:
-                return 0
-            time.sleep(poll_s)
-            continue
-        print(f"stepx worker: job {job.job_id} (attempt {job.attempts})", file=sys.stderr, flush=True)
-        run_job(store, job, models, device)
+    current: dict = {}
+    with heartbeat(store, device, current):
+        while True:
+            try:
+                job = queue.claim(store)
+            except sqlite3.Error as exc:
+                print(f"stepx worker: cannot read the queue: {exc}", file=sys.stderr, flush=True)
+                if once:
+                    return 1
+                time.sleep(max(poll_s, 1.0))
+                continue
+            if job is None:
+                if once:
+                    return 0
+                time.sleep(poll_s)
+                continue
+            print(f"stepx worker: job {job.job_id} (attempt {job.attempts})", file=sys.stderr, flush=True)
+            current["job"] = job
+            try:
+                run_job(store, job, models, device)
+            finally:
+                current["job"] = None

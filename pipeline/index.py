@@ -1,11 +1,14 @@
 """The store's index: copies of the small tables (runs, tokens, word_step_stats) in a few Parquet
-segments, listed by `index/manifest.json`.
+segments, listed by `index/manifest.json`. A run is visible to readers, in every view, exactly when
+the manifest lists it.
 
 Writers append one segment per table per batch of new runs and merge segments in tiers of 8, so a
 store of 10,000 runs is still a handful of files. The manifest is replaced by an atomic rename, so
 readers (any number of processes) never take a lock and never see half an update; writers serialise
-on a file lock. Everything here can be rebuilt from the run folders alone (`stepx index rebuild`).
-No torch import: the CLI's read-only commands use it too.
+on a file lock, and under it remove what dead writers left (unlisted segments, temporary files, run
+folders in tmp/ whose writer no longer holds their lock). Everything here can be rebuilt from the run
+folders alone (`stepx index rebuild`), without reading a damaged manifest. No torch import: the CLI's
+read-only commands use it too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +27,35 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schema import (
-    INDEX_TABLES,
-    RUN_FILES,
-    SCHEMA_VERSION,
-    TABLES,
-    check_version,
-    file_metadata,
+from schema import INDEX_TABLES, RUN_FILES, SCHEMA_VERSION, check_version, file_metadata
+from schema.layout import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    ManifestError,
+    check_run_id,
+    index_dir,
+    parse_manifest,
+    run_dir,
+    runs_dir,
+    segment_problem,
+    tmp_dir,
+    valid_run_id,
 )
-from schema.layout import MANIFEST, index_dir, pid_alive, run_dir, runs_dir, tmp_dir
+from schema.tables import conform
 
 MERGE_FANOUT = 8  # segments of one tier merged together: O(log n) files for n batches
-RETIRE_GRACE_S = 300  # old segments stay this long for readers holding an older manifest
-MANIFEST_FORMAT = 1
+RETIRE_GRACE_S = 300  # replaced segments stay this long for readers holding an older manifest
+LOCK_FILE = ".lock"
+
+# Called with a step name between durable write operations (files synced, renames, the manifest); the
+# kill-at-every-step test sets it to SIGKILL the writer there. None in normal use.
+STEP_HOOK: Callable[[str], None] | None = None
+
+
+def write_step(name: str) -> None:
+    """Mark the point after one durable write operation (a test seam; a no-op unless STEP_HOOK is set)."""
+    if STEP_HOOK is not None:
+        STEP_HOOK(name)
 
 
 @dataclass
@@ -63,18 +82,35 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        d = json.loads(text)
-        return cls(d["generation"], d["run_ids"], d["segments"], d.get("bad_runs", {}), d.get("retired", []))
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and check a manifest (ManifestError when it is damaged)."""
+        d = parse_manifest(text)
+        return cls(d["generation"], d["run_ids"], d["segments"], d["bad_runs"], d["retired"])
 
 
 def read_manifest(root: Path) -> Manifest:
-    """The current manifest, or an empty one for a new store."""
-    path = index_dir(root) / MANIFEST
+    """The current manifest, or an empty one for a new store; ManifestError when it is damaged."""
     try:
-        return Manifest.from_json(path.read_text())
+        return Manifest.from_json((index_dir(root) / MANIFEST).read_bytes())
     except FileNotFoundError:
         return Manifest()
+    except IsADirectoryError:
+        raise ManifestError("manifest.json is a folder") from None
+
+
+def manifest_problem(root: Path, m: Manifest) -> str | None:
+    """Why a parsed manifest can't be used (a segment missing, truncated, foreign), or None."""
+    for table, segs in m.segments.items():
+        for s in segs:
+            problem = segment_problem(index_dir(root) / s["file"], table, s["rows"])
+            if problem:
+                return problem
+    return None
+
+
+def is_indexed(root: Path, run_id: str) -> bool:
+    """Whether the index lists this run (InvalidRunId for a malformed id, ManifestError for a damaged index)."""
+    return check_run_id(run_id) in read_manifest(root).run_ids
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -84,7 +120,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    write_step(f"wrote {tmp.name}")
     os.replace(tmp, path)
+    write_step(f"renamed {path.name}")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: object) -> None:
@@ -93,20 +131,79 @@ def write_parquet_atomic(table: pa.Table, path: Path, **kwargs: object) -> None:
     pq.write_table(table, tmp, compression="zstd", **kwargs)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    write_step(f"wrote {tmp.name}")
     os.replace(tmp, path)
+    write_step(f"renamed {path.name}")
 
 
 @contextmanager
-def writer_lock(root: Path) -> Iterator[None]:
-    """Serialise index writers across processes (readers never take it)."""
-    idx = index_dir(root)
-    idx.mkdir(parents=True, exist_ok=True)
-    with open(idx / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def _flocked(path: Path, mode: int) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, mode)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """Serialise index writers across processes (readers never take it; the kernel drops it on death)."""
+    with _flocked(index_dir(root) / LOCK_FILE, fcntl.LOCK_EX):
+        yield
+
+
+@contextmanager
+def work_folder(root: Path, run_id: str) -> Iterator[Path]:
+    """A fresh folder under tmp/ to write a run in, locked by this process until the block ends.
+
+    The lock (flock on the folder) is what marks a writer alive: the kernel releases it when the
+    process dies, whatever its PID, so `clean_tmp` removes exactly the folders of dead writers. The
+    folder is created under tmp/.lock (shared), which `clean_tmp` takes exclusively, so no cleaner
+    sees a folder between its creation and its lock.
+    """
+    check_run_id(run_id)
+    with _flocked(tmp_dir(root) / LOCK_FILE, fcntl.LOCK_SH):
+        work = tmp_dir(root) / f"{run_id}.{os.getpid()}.{secrets.token_hex(3)}"
+        work.mkdir()
+        fd = os.open(work, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    write_step("created tmp folder")
+    try:
+        yield work
+    finally:
+        os.close(fd)  # releases the lock
+        shutil.rmtree(work, ignore_errors=True)  # gone already when it was renamed into runs/
+
+
+def clean_tmp(root: Path) -> int:
+    """Remove run folders in tmp/ whose writer is gone (its lock released); returns how many."""
+    d = tmp_dir(root)
+    if not d.is_dir():
+        return 0
+    removed = 0
+    with _flocked(d / LOCK_FILE, fcntl.LOCK_EX):
+        for p in d.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if not p.is_dir() or p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed += 1
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            finally:
+                os.close(fd)
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def read_run_table(root: Path, run_id: str, table: str) -> pa.Table:
@@ -114,8 +211,7 @@ def read_run_table(root: Path, run_id: str, table: str) -> pa.Table:
     path = run_dir(root, run_id) / RUN_FILES[table]
     pf = pq.ParquetFile(path)
     check_version(pf.schema_arrow.metadata, where=f"run {run_id} ({path.name})")
-    t = pf.read()
-    return t.select([f.name for f in TABLES[table]]).cast(TABLES[table])
+    return conform(table, pf.read())
 
 
 def _segment(root: Path, table: str, data: pa.Table, generation: int, tier: int) -> dict:
@@ -143,7 +239,7 @@ def _merge_tiers(root: Path, m: Manifest, table: str) -> None:
         m.segments[table] = [s for s in segs if s not in group] + [merged]
 
 
-def _cleanup(root: Path, m: Manifest) -> None:
+def _expire_retired(root: Path, m: Manifest) -> None:
     now = time.time()
     keep = []
     for r in m.retired:
@@ -154,6 +250,26 @@ def _cleanup(root: Path, m: Manifest) -> None:
     m.retired = keep
 
 
+def _sweep_index(root: Path, m: Manifest) -> int:
+    """Under the writer lock: remove every file in index/ the manifest neither lists nor keeps for readers.
+
+    Those are segments and temporary files of writers that died before their manifest landed (no
+    other writer can be mid-commit while we hold the lock).
+    """
+    keep = {MANIFEST, LOCK_FILE} | {s["file"] for segs in m.segments.values() for s in segs}
+    keep |= {r["file"] for r in m.retired}
+    removed = 0
+    for p in index_dir(root).iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def _collect(root: Path, run_ids: list[str], m: Manifest) -> tuple[list[str], dict[str, list[pa.Table]]]:
     """Read the index tables of runs; unreadable runs go to m.bad_runs by name."""
     good: list[str] = []
@@ -161,6 +277,8 @@ def _collect(root: Path, run_ids: list[str], m: Manifest) -> tuple[list[str], di
     for run_id in run_ids:
         try:
             tables = {t: read_run_table(root, run_id, t) for t in INDEX_TABLES}
+            if tables["runs"].num_rows != 1 or tables["runs"].column("run_id")[0].as_py() != run_id:
+                raise ValueError("runs.parquet does not describe this run")
         except Exception as exc:  # noqa: BLE001 - any unreadable file marks the run bad, by name
             m.bad_runs[run_id] = f"{type(exc).__name__}: {exc}"
             continue
@@ -184,19 +302,38 @@ def _append(root: Path, m: Manifest, run_ids: list[str]) -> list[str]:
 def list_run_dirs(root: Path) -> list[str]:
     """Run ids with a folder under runs/ (complete by construction: folders appear by rename)."""
     d = runs_dir(root)
-    return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if valid_run_id(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _commit(root: Path, m: Manifest) -> None:
+    write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
 
 
 def update_index(root: Path) -> list[str]:
-    """Add every run folder the index doesn't list yet; return the ids added."""
+    """Add every run folder the index doesn't list yet and clean dead writers' leftovers; return the ids added.
+
+    A damaged index (unreadable manifest, a missing or foreign segment) is rebuilt from the run folders.
+    """
     with writer_lock(root):
-        m = read_manifest(root)
+        try:
+            m = read_manifest(root)
+            damaged = manifest_problem(root, m)
+        except ManifestError as exc:
+            damaged = str(exc)
+        if damaged:
+            rebuilt, _ = _rebuild_locked(root)
+            clean_tmp(root)
+            return list(rebuilt.run_ids)
         known = set(m.run_ids) | set(m.bad_runs)
         new = [r for r in list_run_dirs(root) if r not in known]
         added = _append(root, m, new) if new else []
         if new:
-            _cleanup(root, m)
-            write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
+            _expire_retired(root, m)
+            _commit(root, m)
+        _sweep_index(root, m)
+        clean_tmp(root)
         return added
 
 
@@ -207,37 +344,33 @@ class RebuildReport:
     runs: int
     bad_runs: dict[str, str]
     removed_tmp: int
+    removed_index_files: int
     seconds: float
 
 
+def _rebuild_locked(root: Path) -> tuple[Manifest, int]:
+    """Recreate the index from the run folders (the writer lock held); returns it and the files swept."""
+    try:  # only to keep the old segments a while for readers that hold the old manifest
+        old = read_manifest(root)
+    except ManifestError:
+        old = Manifest()
+    m = Manifest(generation=old.generation)
+    now = time.time()
+    m.retired = old.retired + [{"file": s["file"], "at": now} for segs in old.segments.values() for s in segs]
+    m.retired = [r for r in m.retired if (index_dir(root) / r["file"]).is_file()]
+    run_ids = list_run_dirs(root)
+    chunk = 512
+    for i in range(0, len(run_ids), chunk):
+        _append(root, m, run_ids[i : i + chunk])
+    _expire_retired(root, m)
+    _commit(root, m)
+    return m, _sweep_index(root, m)
+
+
 def rebuild_index(root: Path) -> RebuildReport:
-    """Recreate the index from the run folders alone; stale temporary runs are removed."""
+    """Recreate the index from the run folders alone (never needs the old manifest); clean leftovers."""
     t0 = time.perf_counter()
     with writer_lock(root):
-        old = read_manifest(root)
-        m = Manifest(generation=old.generation)
-        now = time.time()
-        m.retired = old.retired + [{"file": s["file"], "at": now} for segs in old.segments.values() for s in segs]
-        run_ids = list_run_dirs(root)
-        chunk = 512
-        for i in range(0, len(run_ids), chunk):
-            _append(root, m, run_ids[i : i + chunk])
+        m, swept = _rebuild_locked(root)
         removed = clean_tmp(root)
-        _cleanup(root, m)
-        write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
-    return RebuildReport(len(m.run_ids), dict(m.bad_runs), removed, time.perf_counter() - t0)
-
-
-def clean_tmp(root: Path, older_than_s: float = 3600) -> int:
-    """Remove half-written runs left by crashed writers (invisible to readers anyway)."""
-    d = tmp_dir(root)
-    if not d.is_dir():
-        return 0
-    removed = 0
-    for p in d.iterdir():
-        pid = p.name.rsplit(".", 1)[-1]
-        alive = pid.isdigit() and pid_alive(int(pid))
-        if not alive or time.time() - p.stat().st_mtime > older_than_s:
-            shutil.rmtree(p, ignore_errors=True)
-            removed += 1
-    return removed
+    return RebuildReport(len(m.run_ids), dict(m.bad_runs), removed, swept, time.perf_counter() - t0)

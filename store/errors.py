@@ -13,6 +13,10 @@ class RunNotFound(StoreError):
     """No run with that id in the store."""
 
 
+class IndexDamaged(StoreError):
+    """The store's index can't be read; `stepx index rebuild` recreates it from the run folders."""
+
+
 class RunDataMissing(StoreError):
     """The run is indexed but its files are gone or unreadable."""
 
