@@ -76,7 +76,10 @@ def synth_trace(
     px, latent, levels, self_grid, step_grid, preview_px = GEOMETRIES[geometry]
     words, centres = _prompt(rng, n_words)
     tokens = [TokenInfo(0, 49406, "<start>", None, None, "start", False)]
-    tokens += [TokenInfo(i + 1, 1000 + i, w, i, w, "word", True) for i, w in enumerate(words)]
+    tokens += [
+        TokenInfo(i + 1, 1000 + i, w, i, w, "word", True, w if w in SHAPES else None, False if w in SHAPES else None)
+        for i, w in enumerate(words)
+    ]  # shape words are the scene's object nouns, known by construction (no tagger needed)
     tokens.append(TokenInfo(len(words) + 1, 49407, "<end>", None, None, "end", True))
     records = []
     for s in range(steps):

@@ -25,6 +25,7 @@ from pipeline.capture import (
     plan_grids,
 )
 from pipeline.models import LoadedModel
+from pipeline.nouns import tag_tokens
 from pipeline.trace import TokenInfo, Trace, run_row
 from schema.limits import LimitError, check_generation, check_prompt
 from schema.version import stepx_version
@@ -205,6 +206,7 @@ def generate_trace(
     cfg = config.resolved(model)
     pipe = model.pipe
     tokens, truncated = prompt_tokens(pipe.tokenizer, cfg.prompt)
+    tag_tokens(tokens, cfg.prompt)  # TITAN's object nouns, stored so the read side never loads a tagger
     vae_factor = pipe.vae_scale_factor
     latent = (cfg.height // vae_factor, cfg.width // vae_factor)
     self_grid, step_grid, levels = plan_grids(pipe.unet, latent)

@@ -28,6 +28,8 @@ class TokenInfo:
     word: str | None
     kind: str  # 'start', 'word' or 'end'
     has_map: bool
+    noun_lemma: str | None = None  # lemma when the word names an object (pipeline.nouns), else None
+    noun_plural: bool | None = None  # whether that object noun is plural; None when not an object noun
 
 
 @dataclass

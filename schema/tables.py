@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: optional depth table
+# 1.1: optional depth table; 1.2: level 'all' is DAAM's formula (mid block out, layers x heads);
+# 1.3: tokens.noun_lemma / noun_plural (object nouns tagged at generation time)
+SCHEMA_VERSION = "1.3"
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -70,6 +72,13 @@ TOKENS = pa.schema(
         _f("word", pa.string(), "The whole word the piece belongs to (pieces of one word share it)."),
         _f("kind", pa.string(), "'start', 'word' or 'end' (the first end-of-text token)."),
         _f("has_map", pa.bool_(), "Whether cross-attention maps are stored for this token."),
+        _f(
+            "noun_lemma",
+            pa.string(),
+            "Lemma of the word when it names an object (TITAN's category), tagged at generation time by spaCy "
+            "(or a word-list rule without it); null for other words and for runs before schema 1.3.",
+        ),
+        _f("noun_plural", pa.bool_(), "Whether that object noun is plural (every region is kept); null otherwise."),
     ]
 )
 
@@ -183,6 +192,20 @@ def check_version(metadata: dict[bytes, bytes] | None, where: str = "file") -> s
             f"{SCHEMA_VERSION}. Upgrade StepX to read it."
         )
     return version
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """A table read from a file of this major version with this version's columns, in order: columns a later
+    minor version added (always nullable) come back as nulls, so old runs stay readable."""
+    arrays = []
+    for f in TABLES[table]:
+        if f.name in data.column_names:
+            arrays.append(data.column(f.name).cast(f.type))
+        elif f.nullable:
+            arrays.append(pa.nulls(data.num_rows, f.type))
+        else:
+            raise SchemaVersionError(f"a {table} file has no {f.name!r} column: not a StepX trace file")
+    return pa.Table.from_arrays(arrays, schema=TABLES[table])
 
 
 def column_docs(table: str) -> list[tuple[str, str, str]]:

@@ -246,6 +246,7 @@ CANNOT_SERVE = (  # exit 1: a valid request the store or the machine can't serve
     "schema.tables:SchemaVersionError",
     "schema.layout:ManifestError",
     "pipeline.models:ModelNotFoundError",
+    "analysis.titan:NounsUnavailable",
 )
 
 

@@ -47,11 +47,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         depth = load_depth_model(args.depth_model, args.depth_path)
     model = load_model(args.model, args.model_path, args.device)
-    config.resolved(model)  # the model's own checks (VAE factor, scheduler table) before the bar starts
-    with tqdm(total=None, desc="stepx generate", unit="step", file=sys.stderr, leave=True) as bar:
+    steps = config.resolved(model).steps  # the model's own checks (VAE factor, scheduler table) first
+    with tqdm(total=steps, desc="stepx generate", unit="step", file=sys.stderr) as bar:
 
         def progress(step: int, total: int) -> None:
-            bar.total = total
             bar.update(step - bar.n)
 
         trace = generate_trace(model, config, on_step=progress)

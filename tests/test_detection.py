@@ -15,8 +15,9 @@ import pytest
 from analysis import detection
 from analysis.detection import detect, guided_map, resample, threshold_value
 from analysis.metrics import mask_iou, otsu_threshold
-from analysis.titan import annotate, coco_for_runs, prompt_objects
+from analysis.titan import annotate, coco_for_runs
 from jobs.synth import synth_store
+from pipeline.nouns import prompt_objects
 from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

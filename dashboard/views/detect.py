@@ -7,7 +7,7 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from analysis.detection import Detection, detect, guided_map
-from analysis.titan import coco_for_runs, dumps, prompt_objects
+from analysis.titan import coco_for_runs, dumps, run_objects
 from dashboard.render import decode, overlay
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path, word_map
 from dashboard.widgets import look, pick_run
@@ -17,9 +17,10 @@ METHODS = ["DAAM + self-attention", "DAAM alone"]
 COLOURS = ["#00e5ff", "#ff4081", "#76ff03", "#ffea00", "#e040fb", "#ff9100"]
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def objects(prompt: str) -> list[tuple[str, str, bool]]:
-    return [(o.word, o.lemma, o.plural) for o in prompt_objects(prompt)]
+def objects(run_id: str) -> list[tuple[str, str, bool]] | None:
+    """The run's object nouns as stored with its tokens at generation time; None for runs before schema 1.3."""
+    found = run_objects(store(), run_id)
+    return None if found is None else [(o.word, o.lemma, o.plural) for o in found]
 
 
 def threshold_picker() -> str | float:
@@ -62,7 +63,7 @@ def body() -> None:
     if not words:
         st.warning("This prompt has no words.")
         return
-    nouns = [w for w, _, _ in objects(run["prompt"])]
+    nouns = [w for w, _, _ in objects(run_id) or []]
     names = list(dict.fromkeys(w.word for w in words))
     default = names.index(nouns[0]) if nouns and nouns[0] in names else 0
     a, b = st.columns(2)
@@ -97,9 +98,15 @@ def body() -> None:
 def titan(run: dict, image: Image.Image, size, shown, threshold: str | float, guided: bool) -> None:
     """The prompt's objects as categories, annotated all at once, downloadable as COCO JSON."""
     st.subheader("TITAN annotations")
-    objs = objects(run["prompt"])
+    objs = objects(run["run_id"])
+    if objs is None:
+        st.info(
+            "Object nouns are not available for this run: it was generated before StepX stored them with "
+            "the tokens. Generate it again to annotate it."
+        )
+        return
     if not objs:
-        st.info("spaCy found no object nouns in this prompt.")
+        st.info("No object nouns were tagged in this prompt when it was generated.")
         return
     st.dataframe([{"word": w, "category": lemma, "plural": p} for w, lemma, p in objs], hide_index=True)
     if st.button("Annotate all objects", key="detect_annotate"):
