@@ -28,7 +28,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    res = open_store(args).sql(args.query, max_rows=args.max_rows, timeout_s=args.timeout)
+    res = open_store(args).sql(
+        args.query, max_rows=args.max_rows, timeout_s=args.timeout_s, memory_limit_mb=args.memory_limit_mb
+    )
     print_rows(res.columns, res.rows, args.format)
     if res.truncated:
         print(f"(truncated at {args.max_rows} rows; raise --max-rows)", file=sys.stderr)

@@ -9,6 +9,7 @@ store's folders and its configuration is locked (see `open_sandboxed`).
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, store_root
 from schema.maps import aggregate_levels
 from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
 from store.errors import Results, RunDataMissing, RunNotFound, StoreError, WordNotFound
-from store.sql import run_readonly
+from store.sql import Limits, Source, run_query
 
 GLOBAL = "Global"
 ALL_LEVELS = None
@@ -424,6 +425,30 @@ class Store:
         return table.column("data")[0].as_py(), table.column("format")[0].as_py()
 
     # -- SQL ------------------------------------------------------------------------------
-    def sql(self, query: str, max_rows: int = 1000, timeout_s: float = 10.0) -> Results:
-        """Run one read-only SELECT; refused statements and timeouts raise QueryError."""
-        return run_readonly(self.cursor(), query, max_rows, timeout_s)
+    def sql(
+        self,
+        query: str,
+        max_rows: int = Limits.max_rows,
+        timeout_s: float = Limits.timeout_s,
+        memory_limit_mb: int = Limits.memory_limit_mb,
+    ) -> Results:
+        """Run one read-only SELECT in its own throwaway sandbox (see store.sql); QueryError when refused or stopped."""
+        limits = Limits(timeout_s=timeout_s, max_rows=max_rows, memory_limit_mb=memory_limit_mb)
+        sources, views = self.sql_sources()
+        return run_query(sources, views, query, limits)
+
+    def sql_sources(self) -> tuple[dict[str, Source], dict[str, str]]:
+        """What the SQL console shows: each table's Parquet files (the same as the views') and the SQL-defined views."""
+        self._refresh()
+        segments = self._manifest.get("segments", {})
+        sources = {}
+        for table in ("runs", "tokens", "word_step_stats"):
+            files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
+            sources[table] = Source(tuple(files), TABLES[table])
+        present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
+        run_ids = [r for r in self._manifest.get("run_ids", []) if r in present]
+        for table in ("cross_attention", "self_attention", "images"):
+            paths = [run_dir(self.root, r) / RUN_FILES[table] for r in run_ids]
+            files = [p for p in paths if str(p.relative_to(self.root)) not in self._unreadable and p.is_file()]
+            sources[table] = Source(tuple(str(f) for f in files), TABLES[table])
+        return sources, {"word_stats": WORD_STATS_SQL}
