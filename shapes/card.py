@@ -24,7 +24,6 @@ from shapes.vae import vae_shape_kept
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 HISTORY = Path(__file__).with_name("card_history.md")
-EVAL_SUITE = "scenes.heldout_suite"  # where the periodic evaluation and the export sweep take prompts
 
 _ROW = re.compile(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+) \|$")
 # Which term a schedule field switches, and whether the step turns it on or off.
@@ -120,7 +119,6 @@ def write_card(
         "colours": ", ".join(scenes.COLOURS),
         "positions": ", ".join(scenes.POSITIONS),
         "heldout": "\n".join(f"- {c} {s} at {p}" for c, s, p in scenes.HELDOUT),
-        "eval_suite": EVAL_SUITE,
         "latent_size": cfg.latent_size,
         "vae_steps": vae_blob["steps"],
         "vae_minutes": f"{vae_blob['seconds'] / 60:.1f}",

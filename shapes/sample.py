@@ -27,7 +27,6 @@ from shapes.losses import AttentionStore, install_recorder
 from shapes.model import make_sample_scheduler, make_text_encoder, make_tokenizer, make_unet, make_vae
 from shapes.util import Logger, to_uint8_images
 
-EVAL_SUITE_SEED = 1234  # the periodic evaluation's and the export sweep's prompts
 SWEEP_GUIDANCE = (1.5, 2.0, 3.0, 4.0)  # the export picks the card's default guidance among these
 SWEEP_PROMPTS = 48
 TIMING_PROMPT = "a red circle on the left and a blue square on the right"
@@ -123,11 +122,9 @@ def evaluate(
     n: int = 24,
     guidance: float = 2.5,
     steps: int = 20,
-    seed: int = 0,
-    suite_seed: int = EVAL_SUITE_SEED,
 ) -> dict[str, Any]:
-    """Scores on the evaluation prompts: object checks and shape-noun word-map IoU vs a uniform map."""
-    suite = scenes.heldout_suite(n, seed=suite_seed, size=vae.config.sample_size)
+    """Scores on the validation split (never the test split): object checks, shape-noun word-map IoU."""
+    suite = scenes.validation_suite(n, size=vae.config.sample_size)
     keys = ("present", "colour_ok", "region_ok", "objects_correct", "shape_ok")
     keys += ("miou_daam", "miou_otsu", "miou_uniform", "mass_in", "miou_daam_correct")
     flags: dict[str, list[float]] = {k: [] for k in keys}
@@ -136,7 +133,8 @@ def evaluate(
     for lo in range(0, n, chunk):
         part = suite[lo : lo + chunk]
         prompts = [s.caption for s in part]
-        images, maps = generate_with_maps(unet, text, vae, sf, tokenizer, prompts, guidance, steps, seed=seed + lo)
+        seed = scenes.noise_seeds("validation", lo, 1)[0]  # the chunk's noise, from validation's seeds
+        images, maps = generate_with_maps(unet, text, vae, sf, tokenizer, prompts, guidance, steps, seed=seed)
         for scene, image, wmap in zip(part, images, maps, strict=True):
             checks = check_objects(image, [o.spec for o in scene.objects])
             blank += not any(c.present or c.colour_ok for c in checks)

@@ -34,6 +34,8 @@ MINI = Config(
     curriculum=(1, 2),
     layout_noise_p=0.5,
     shape_contrast_n=2,
+    ckpt_every=2,
+    eval_every=3,
     eval_prompts=2,
     eval_steps=2,
 )
@@ -56,7 +58,9 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     assert torch.get_num_threads() == MINI.threads
     assert trainer.data["latents"].shape == (24, 4, 16, 16)
     assert trainer.run(minutes=5)  # the recipe's 3 steps: done
-    assert trainer.state.step == 3 and (work / "ckpt.pt").is_file()
+    assert trainer.state.step == 3 and (work / "ckpt.pt").is_file() and (work / "ckpt-prev.pt").is_file()
+    (evaluation,) = trainer.state.evals  # the periodic evaluation at step 3, on the validation split
+    assert evaluation["step"] == 3 and evaluation["prompts"] == 2 and 0 <= evaluation["miou_otsu"] <= 1
     assert torch.load(work / "vae.pt", weights_only=False)["steps"] == MINI.vae_steps
     losses = trainer.step()
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()) and 0 < losses["mass_in"] <= 1
