@@ -132,7 +132,7 @@ def capture_profile(model_name: str, px: int, steps: int, guidance: float, runs:
     def timed_drain(rec: AttentionRecorder) -> None:
         pending = rec._pending
         for key, queue in list(pending.items()):
-            kind, q_shape, k_shape = key[0], key[1], key[2]
+            kind, q_shape, k_shape = key[0], key[2], key[3]  # (kind, level, q shape, k shape, ...)
             label = f"{kind}-attention softmax, {capture.grid_of(q_shape[1], latent)[0]}x" + (
                 f"{capture.grid_of(q_shape[1], latent)[1]} ({len(queue)} layers x {q_shape[0]} heads)"
             )

@@ -3,8 +3,9 @@
 
 Only the captured modules get the processor: every cross-attention `attn2`, and the self-attention
 `attn1` layers whose grid is one of the stored self-attention grids. Everything else is untouched.
-Heads are averaged and layers summed per resolution level on the device; one copy to the host per
-denoising step.
+Per step, on the device: each level's (layer, head) cross-attention maps are averaged (the mid block
+is a level of its own), and DAAM's map is built from the individual (layer, head) maps of the down
+and up blocks (bicubic to the latent grid, clamped at 0, averaged); one copy to the host per step.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.trace import StepRecord
+from schema.maps import level_order
 
 SELF_GRID_MAX_AREA = 1536  # 32x32 for square 512 px SD 1.5, 32x48 for 512x768.
 STEP_GRID_MAX_AREA = 384  # 16x16 per step for square SD 1.5, 16x24 for 512x768.
 PENDING_BYTES = 64 * 2**20  # queued layers are softmaxed once their scores would exceed this
+DAAM_CHUNK_BYTES = 32 * 2**20  # (layer, head) maps upsampled together for the DAAM map, at most this much
 
 Grid = tuple[int, int]
+Level = tuple  # (h, w) for down/up-block layers, (h, w, 'mid') for the mid block (schema.maps.level_label)
 
 
 def halve(grid: Grid, times: int) -> Grid:
@@ -42,6 +46,12 @@ def grid_of(queries: int, latent: Grid) -> Grid:
         if g[0] * g[1] == queries:
             return g
     raise ValueError(f"{queries} queries match no downsampling of the {latent} latent grid")
+
+
+def level_of(module_name: str, latent: Grid, n_down: int) -> Level:
+    """The level key of an attention module: its grid, tagged 'mid' for the UNet mid block."""
+    grid = halve(latent, block_depth(module_name, n_down))
+    return (*grid, "mid") if module_name.startswith("mid_block") else grid
 
 
 def block_depth(module_name: str, n_down: int) -> int:
@@ -77,15 +87,14 @@ def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def plan_grids(unet: torch.nn.Module, latent: Grid) -> tuple[Grid, Grid, list[Grid]]:
-    """(self grid, step grid, attention levels finest first) for a UNet at a latent size."""
+def plan_grids(unet: torch.nn.Module, latent: Grid) -> tuple[Grid, Grid, list[Level]]:
+    """(self grid, step grid, cross-attention levels finest first) for a UNet at a latent size."""
     n_down = len(unet.config.down_block_types)
-    levels = sorted(
-        {halve(latent, block_depth(name, n_down)) for name in attention_modules(unet)},
-        key=lambda g: -g[0] * g[1],
-    )
-    fitting = [g for g in levels if g[0] * g[1] <= SELF_GRID_MAX_AREA]
-    self_grid = fitting[0] if fitting else levels[-1]
+    names = attention_modules(unet)
+    levels = sorted({level_of(n, latent, n_down) for n in names if n.endswith("attn2")}, key=level_order)
+    grids = sorted({halve(latent, block_depth(n, n_down)) for n in names}, key=lambda g: -g[0] * g[1])
+    fitting = [g for g in grids if g[0] * g[1] <= SELF_GRID_MAX_AREA]
+    self_grid = fitting[0] if fitting else grids[-1]
     step_grid = self_grid
     while step_grid[0] * step_grid[1] > STEP_GRID_MAX_AREA:
         step_grid = halve(step_grid, 1)
@@ -124,8 +133,11 @@ class AttentionRecorder:
     max_sum_error: float = 0.0
     _step: int = -1
     _timestep: float = 0.0
-    _cross: dict[Grid, torch.Tensor] = field(default_factory=dict)
-    _cross_n: dict[Grid, int] = field(default_factory=dict)
+    _cross: dict[Level, torch.Tensor] = field(default_factory=dict)  # sum of (layer, head) maps
+    _cross_n: dict[Level, int] = field(default_factory=dict)  # layers
+    _cross_maps: dict[Level, int] = field(default_factory=dict)  # (layer, head) maps
+    _daam: torch.Tensor | None = None  # sum of clamped, upsampled down/up (layer, head) maps
+    _daam_n: int = 0
     _self_step: torch.Tensor | None = None
     _self_step_n: int = 0
     _self_layer: torch.Tensor | None = None  # this step's layers at the self grid (when coarser step grid)
@@ -134,7 +146,6 @@ class AttentionRecorder:
     _self_agg_steps: int = 0
     _sum_err: torch.Tensor | None = None
     _keep: torch.Tensor | None = None  # keep_tokens as an index on the device
-    _grids: dict[int, Grid] = field(default_factory=dict)  # query count -> grid
     _pending: dict[tuple, list[tuple]] = field(default_factory=dict)  # layer group -> queued (q, k, mask)
     _pending_bytes: int = 0
 
@@ -151,11 +162,14 @@ class AttentionRecorder:
         if self._step < 0 or (not self._cross and self._self_step is None):
             return
         parts: list[torch.Tensor] = []
-        shapes: list[tuple[Grid, tuple[int, ...]]] = []
-        for grid, acc in self._cross.items():
-            mean = acc / self._cross_n[grid]  # (tokens, queries)
+        shapes: list[tuple[Level | None, tuple[int, ...]]] = []
+        for level, acc in self._cross.items():
+            mean = acc / self._cross_maps[level]  # (tokens, queries)
             parts.append(mean.reshape(-1))
-            shapes.append((grid, (mean.shape[0], grid[0], grid[1])))
+            shapes.append((level, (mean.shape[0], level[0], level[1])))
+        if self._daam is not None:
+            parts.append((self._daam / self._daam_n).reshape(-1))
+            shapes.append((None, tuple(self._daam.shape)))
         self_mean = None
         if self._self_step is not None:
             self_mean = self._self_step / self._self_step_n  # (q, k) on the step grid
@@ -164,17 +178,23 @@ class AttentionRecorder:
             self._self_agg = layer_mean.clone() if self._self_agg is None else self._self_agg + layer_mean
             self._self_agg_steps += 1
         host = torch.cat([p.float() for p in parts]).cpu().numpy()
-        cross: dict[Grid, np.ndarray] = {}
+        cross: dict[Level, np.ndarray] = {}
+        daam = None
         offset = 0
-        for grid, shape in shapes:
+        for level, shape in shapes:
             n = math.prod(shape)
-            cross[grid] = host[offset : offset + n].reshape(shape)
+            if level is None:
+                daam = host[offset : offset + n].reshape(shape)
+            else:
+                cross[level] = host[offset : offset + n].reshape(shape)
             offset += n
         self_np = host[offset:].reshape(self_mean.shape) if self_mean is not None else None
+        heads = {lv: self._cross_maps[lv] // self._cross_n[lv] for lv in self._cross}
         self.steps.append(
-            StepRecord(self._step, self._timestep, cross, dict(self._cross_n), self_np, self._self_step_n)
+            StepRecord(self._step, self._timestep, cross, dict(self._cross_n), self_np, self._self_step_n, heads, daam)
         )
-        self._cross, self._cross_n = {}, {}
+        self._cross, self._cross_n, self._cross_maps = {}, {}, {}
+        self._daam, self._daam_n = None, 0
         self._self_step, self._self_step_n = None, 0
         self._self_layer, self._self_layer_n = None, 0
         if self._sum_err is not None:
@@ -195,9 +215,15 @@ class AttentionRecorder:
 
     # -- called by the processors -------------------------------------------------------
     def observe(
-        self, kind: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float
+        self,
+        kind: str,
+        level: Level,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
     ) -> None:
-        """Queue the conditional image's query/key of one layer; query/key are (batch, heads, L, d).
+        """Queue the conditional image's query/key of one layer at `level`; query/key are (batch, heads, L, d).
 
         Layers of the same kind and grid are softmaxed together in one batched call when the step
         closes (or when the queue reaches `PENDING_BYTES`): a small model has many small layers,
@@ -206,7 +232,7 @@ class AttentionRecorder:
         cond = query.shape[0] // 2 if self.plan.cfg else 0
         q, k = query[cond], key[cond]
         m = None if mask is None else mask[cond]
-        group = (kind, q.shape, k.shape, scale, m is not None)
+        group = (kind, level, q.shape, k.shape, scale, m is not None)
         queue = self._pending.setdefault(group, [])
         queue.append((q, k, m))
         self._pending_bytes += 4 * q.shape[0] * q.shape[1] * k.shape[1]  # its float32 scores
@@ -215,7 +241,7 @@ class AttentionRecorder:
 
     def _drain(self) -> None:
         """Softmax every queued layer group in batched calls and add the head means to the step sums."""
-        for (kind, q_shape, _k_shape, scale, masked), queue in self._pending.items():
+        for (kind, level, q_shape, _k_shape, scale, masked), queue in self._pending.items():
             heads, queries = q_shape[0], q_shape[1]
             qs = torch.cat([q for q, _, _ in queue]).float()  # (layers*heads, queries, d)
             ks = torch.cat([k for _, k, _ in queue]).float()
@@ -229,27 +255,48 @@ class AttentionRecorder:
             if kind == "cross" and self.plan.check_sums:
                 err = (probs.sum(dim=-1) - 1).abs().max()
                 self._sum_err = err if self._sum_err is None else torch.maximum(self._sum_err, err)
-            summed = probs.sum(dim=0).div_(heads)  # sum over layers of the head means
-            self._add(kind, summed, len(queue))
+            if kind == "cross":
+                self._add_cross(level, probs, len(queue), heads)
+            else:
+                self._add_self(level[:2], probs.sum(dim=0).div_(heads), len(queue))  # sum of layers' head means
         self._pending.clear()
         self._pending_bytes = 0
 
-    def _add(self, kind: str, summed: torch.Tensor, layers: int) -> None:
-        """Add `layers` layers' head-mean probabilities (already summed) to this step's sums."""
-        grid = self._grids.get(summed.shape[0])
-        if grid is None:
-            grid = self._grids[summed.shape[0]] = grid_of(summed.shape[0], self.plan.latent)
-        if kind == "cross":
-            if self._keep is None or self._keep.device != summed.device:
-                self._keep = torch.tensor(self.plan.keep_tokens, device=summed.device)
-            kept = summed.index_select(1, self._keep).T  # (tokens, queries)
-            if grid in self._cross:
-                self._cross[grid] += kept
-                self._cross_n[grid] += layers
-            else:
-                self._cross[grid] = kept.contiguous()
-                self._cross_n[grid] = layers
+    def _add_cross(self, level: Level, probs: torch.Tensor, layers: int, heads: int) -> None:
+        """Add `layers` layers' (layer*heads, queries, keys) probabilities to the level sum and the DAAM map."""
+        if self._keep is None or self._keep.device != probs.device:
+            self._keep = torch.tensor(self.plan.keep_tokens, device=probs.device)
+        kept = probs.index_select(2, self._keep)  # (layers*heads, queries, tokens)
+        summed = kept.sum(dim=0).T  # (tokens, queries)
+        if level in self._cross:
+            self._cross[level] += summed
+            self._cross_n[level] += layers
+            self._cross_maps[level] += layers * heads
+        else:
+            self._cross[level] = summed.contiguous()
+            self._cross_n[level] = layers
+            self._cross_maps[level] = layers * heads
+        if len(level) > 2:  # DAAM leaves the mid block out
             return
+        h, w = level[0], level[1]
+        maps = kept.transpose(1, 2).reshape(kept.shape[0], kept.shape[2], h, w)  # (layers*heads, tokens, h, w)
+        latent = self.plan.latent
+        if (h, w) == tuple(latent):
+            daam = maps.sum(dim=0)  # probabilities: nothing to upsample or clamp
+        else:
+            per_map = 4 * kept.shape[2] * latent[0] * latent[1]
+            chunk = max(1, DAAM_CHUNK_BYTES // per_map)
+            daam = sum(
+                F.interpolate(maps[i : i + chunk], size=latent, mode="bicubic", align_corners=False)
+                .clamp_(min=0)
+                .sum(dim=0)
+                for i in range(0, maps.shape[0], chunk)
+            )  # (tokens, H, W)
+        self._daam = daam if self._daam is None else self._daam + daam
+        self._daam_n += maps.shape[0]
+
+    def _add_self(self, grid: Grid, summed: torch.Tensor, layers: int) -> None:
+        """Add `layers` layers' head-mean self-attention (already summed) to this step's sums."""
         if grid == self.plan.self_grid and self.plan.self_grid != self.plan.step_grid:
             if self._self_layer is None:
                 self._self_layer = summed  # a fresh tensor: the drain keeps no other reference
@@ -267,9 +314,10 @@ class AttentionRecorder:
 class CaptureAttnProcessor:
     """`AttnProcessor2_0`'s computation, plus the attention probabilities sent to a recorder."""
 
-    def __init__(self, recorder: AttentionRecorder, kind: str) -> None:
+    def __init__(self, recorder: AttentionRecorder, kind: str, level: Level) -> None:
         self.recorder = recorder
         self.kind = kind  # 'cross' or 'self'
+        self.level = level  # the module's level key (grid, 'mid' for the mid block)
 
     def __call__(
         self,
@@ -319,7 +367,7 @@ class CaptureAttnProcessor:
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
         with torch.no_grad():
-            self.recorder.observe(self.kind, query, key, attention_mask, attn.scale)
+            self.recorder.observe(self.kind, self.level, query, key, attention_mask, attn.scale)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -385,10 +433,11 @@ def attention_capture(pipe: object, recorder: AttentionRecorder) -> Iterator[Att
     try:
         for name, module in modules.items():
             kind = "cross" if name.endswith("attn2") else "self"
-            if kind == "self" and halve(plan.latent, block_depth(name, n_down)) not in self_grids:
+            level = level_of(name, plan.latent, n_down)
+            if kind == "self" and level[:2] not in self_grids:
                 continue
             originals[name] = module.processor
-            module.set_processor(CaptureAttnProcessor(recorder, kind))
+            module.set_processor(CaptureAttnProcessor(recorder, kind, level))
         hooks.append(unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
         hooks.append(unet.register_forward_hook(post_hook, with_kwargs=True))
         yield recorder

@@ -1,17 +1,46 @@
-"""DAAM-style word heat maps from stored cross-attention, in numpy (no torch on the read side).
+"""Word heat maps from stored cross-attention, in numpy (no torch on the read side).
 
-The idea (Tang et al., "What the DAAM", 2023): a word's map is its tokens' cross-attention, each
-UNet resolution level upsampled to one grid and averaged, summed over denoising steps. Written here
-fresh: bicubic upsampling as separable weight matrices, clamped at 0 because cubic kernels overshoot.
+The default word map is DAAM's (Tang et al., "What the DAAM", 2023): every cross-attention
+(layer, head) map of the UNet's down and up blocks (mid block left out), upsampled straight to the
+latent grid with bicubic interpolation, clamped at 0, averaged over all (layer, head) maps (a level
+weighs by its layers x heads), the word's tokens averaged, and the chosen steps summed. The capture
+computes that map per step and token on the device and stores it as level 'all'; the other
+aggregations below are rebuilt here from the stored per-level maps and are not DAAM.
+
+`upsample` is the project's one bicubic resampler: PyTorch's (a = -0.75, half-pixel centres,
+`align_corners=False`, borders replicated), written as separable weight matrices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 CUBIC_A = -0.75  # Keys' cubic convolution constant, as in PyTorch/OpenCV bicubic resampling.
+ALL = "all"  # level label of the stored DAAM map (cross_attention) and of its statistics (word_step_stats)
+MID_PREFIX = "mid-"  # level label of the UNet mid block's layers: 'mid-4x4'
+
+# A level key as the capture produces it: (h, w) for down/up-block layers, (h, w, 'mid') for the mid block.
+LevelKey = tuple
+
+
+def level_label(key: LevelKey) -> str:
+    """'HxW' for a down/up-block level, 'mid-HxW' for the mid block's layers."""
+    base = f"{key[0]}x{key[1]}"
+    return MID_PREFIX + base if len(key) > 2 and key[2] == "mid" else base
+
+
+def is_mid(label: str) -> bool:
+    """Whether a level label names the UNet mid block (left out of DAAM)."""
+    return label.startswith(MID_PREFIX)
+
+
+def level_order(key: LevelKey) -> tuple[int, bool]:
+    """Sort key: finest grid first, the mid block after a down/up level of the same size."""
+    return (-key[0] * key[1], len(key) > 2)
 
 
 def _cubic(t: np.ndarray) -> np.ndarray:
@@ -37,25 +66,106 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return weights
 
 
-def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic-resize (..., h, w) maps to (..., height, width), clamped at 0."""
+def upsample(maps: np.ndarray, height: int, width: int, clamp: bool = True) -> np.ndarray:
+    """Bicubic-resize (..., h, w) maps to (..., height, width) as torch does; clamped at 0 unless asked not to."""
     h, w = maps.shape[-2:]
     if (h, w) == (height, width):
-        return np.maximum(maps.astype(np.float32, copy=False), 0)
-    wy = resize_matrix(h, height).astype(np.float32)
-    wx = resize_matrix(w, width).astype(np.float32)
-    out = wy @ maps.astype(np.float32, copy=False) @ wx.T  # (..., height, width)
+        out = maps.astype(np.float32, copy=True)
+    else:
+        wy = resize_matrix(h, height).astype(np.float32)
+        wx = resize_matrix(w, width).astype(np.float32)
+        out = wy @ maps.astype(np.float32, copy=False) @ wx.T  # (..., height, width)
+    return np.maximum(out, 0, out=out) if clamp else out
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A named way of combining stored maps into one word map, with the label a picker shows."""
+
+    name: str
+    label: str
+    daam: bool  # True only for DAAM's own formula
+    help: str
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    a.name: a
+    for a in [
+        Aggregation(
+            "daam",
+            "DAAM (default)",
+            True,
+            "Down and up blocks; every (layer, head) map upsampled to the latent grid, clamped at 0, averaged.",
+        ),
+        Aggregation(
+            "daam_with_mid",
+            "Layers x heads, mid block included (not DAAM)",
+            False,
+            "All levels including the mid block, weighted by layers x heads; the mean is clamped, not each head.",
+        ),
+        Aggregation(
+            "equal_levels",
+            "Levels weigh equally (not DAAM)",
+            False,
+            "Each stored level (mid block included) upsampled and averaged with equal weight, then clamped.",
+        ),
+        Aggregation(
+            "levels",
+            "Chosen levels only (not DAAM)",
+            False,
+            "Only the levels you pick, weighted by layers x heads, clamped after averaging.",
+        ),
+    ]
+}
+DEFAULT_AGGREGATION = "daam"
+
+
+def check_aggregation(name: str, levels: list[str] | None) -> Aggregation:
+    """The named aggregation; ValueError with the choices for an unknown name or a bad level choice."""
+    agg = AGGREGATIONS.get(name)
+    if agg is None:
+        raise ValueError(f"unknown aggregation {name!r}; choose from {', '.join(AGGREGATIONS)}")
+    if name == "levels" and not levels:
+        raise ValueError("aggregation 'levels' needs the levels to combine, e.g. levels=['16x16']")
+    if name != "levels" and levels:
+        raise ValueError(f"levels are chosen with aggregation='levels', not {name!r}")
+    return agg
+
+
+def level_weights(name: str, counts: Mapping[str, int], levels: list[str] | None = None) -> dict[str, float]:
+    """Weight of each stored level under an aggregation; `counts` is layers x heads per level label."""
+    if name == "equal_levels":
+        return dict.fromkeys(counts, 1.0)
+    if name == "daam_with_mid":
+        return {k: float(n) for k, n in counts.items()}
+    if name == "daam":
+        return {k: float(n) for k, n in counts.items() if not is_mid(k)}
+    if name == "levels":
+        missing = [lv for lv in levels or [] if lv not in counts]
+        if missing:
+            raise ValueError(f"no level {', '.join(missing)}; this run has {', '.join(counts)}")
+        return {k: float(counts[k]) for k in levels}
+    raise ValueError(f"unknown aggregation {name!r}")
+
+
+def combine_levels(
+    level_maps: Mapping[str, np.ndarray], weights: Mapping[str, float], height: int, width: int
+) -> np.ndarray:
+    """Weighted mean of (..., h_l, w_l) level maps upsampled to (height, width), clamped at 0 after averaging."""
+    chosen = [k for k in level_maps if weights.get(k, 0) > 0]
+    if not chosen:
+        raise ValueError("no resolution levels selected")
+    total = sum(weights[k] for k in chosen)
+    out = None
+    for k in chosen:
+        part = upsample(level_maps[k], height, width, clamp=False) * np.float32(weights[k] / total)
+        out = part if out is None else out + part
     return np.maximum(out, 0, out=out)
 
 
 def aggregate_levels(level_maps: list[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Mean over resolution levels of (..., h_l, w_l) maps, each upsampled to (height, width)."""
-    if not level_maps:
-        raise ValueError("no resolution levels selected")
-    total = np.zeros(level_maps[0].shape[:-2] + (height, width), dtype=np.float32)
-    for m in level_maps:
-        total += upsample(m, height, width)
-    return total / len(level_maps)
+    """Equal-weight mean of (..., h_l, w_l) level maps upsampled to (height, width) (not DAAM)."""
+    return combine_levels(dict(enumerate(level_maps)), dict.fromkeys(range(len(level_maps)), 1.0), height, width)
 
 
 def normalize_for_display(heat: np.ndarray, mode: str = "max") -> np.ndarray:

@@ -41,7 +41,9 @@ def test_traced_latents_bit_identical(tiny_model, guidance, negative, size):
     assert torch.equal(plain, traced)
     assert len(rec.steps) == 3
     assert rec.max_sum_error < 1e-4  # each query's 77 key probabilities sum to 1 before slicing
-    assert all(len(s.cross) == 2 for s in rec.steps)
+    h, w = size[0] // 2, size[1] // 2
+    assert all(set(s.cross) == {(h, w), (h // 2, w // 2), (h // 2, w // 2, "mid")} for s in rec.steps)  # mid: own level
+    assert all(s.daam.shape == (3, h, w) for s in rec.steps)
 
 
 @pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
@@ -94,8 +96,8 @@ def test_only_captured_modules_swapped(tiny_model):
 @pytest.mark.parametrize(
     "layout, px, levels, self_grid, step_grid",
     [
-        ("sd15", 256, [(32, 32), (16, 16), (8, 8), (4, 4)], (32, 32), (16, 16)),
-        ("sd21", 256, [(32, 32), (16, 16), (8, 8), (4, 4)], (32, 32), (16, 16)),
+        ("sd15", 256, [(32, 32), (16, 16), (8, 8), (4, 4, "mid")], (32, 32), (16, 16)),
+        ("sd21", 256, [(32, 32), (16, 16), (8, 8), (4, 4, "mid")], (32, 32), (16, 16)),
     ],
 )
 def test_real_block_layout_captures_every_level(layout, px, levels, self_grid, step_grid):
@@ -111,7 +113,10 @@ def test_real_block_layout_captures_every_level(layout, px, levels, self_grid, s
     for rec in trace.steps:
         assert sorted(rec.cross, key=lambda g: -g[0]) == levels
         # SD 1.5 layout: 2 down + 3 up transformer layers per level, 1 in the mid block
-        assert rec.cross_layers[(8, 8)] == 2 + 3 and rec.cross_layers[(4, 4)] == 1
+        assert rec.cross_layers[(8, 8)] == 2 + 3 and rec.cross_layers[(4, 4, "mid")] == 1
+        heads = {g: pipe.unet.get_submodule(n).heads for n in _attn2(pipe) for g in [_level(n, px // 8, pipe)]}
+        assert rec.cross_heads == heads  # SD 2.1's heads differ per level
+        assert rec.daam.shape == (len(rec.cross[(8, 8)]), px // 8, px // 8)
         assert rec.self_step.shape == (step_grid[0] * step_grid[1],) * 2
     assert trace.self_aggregate.shape == (self_grid[0] * self_grid[1],) * 2
     assert np.allclose(trace.self_aggregate.sum(axis=1), 1, atol=1e-4)
@@ -166,9 +171,19 @@ def test_sdxl_layout_two_text_encoders_bit_identical():
     trace = generate_trace(model, cfg, check_sums=True)
     assert np.array_equal(np.asarray(run_pipeline(model, cfg.resolved(model))), np.asarray(trace.final))
     # SDXL places attention only in its 2nd and 3rd blocks: 1/2 and 1/4 of the latent grid
-    assert trace.levels == [(16, 16), (8, 8)]
+    assert trace.levels == [(16, 16), (8, 8), (8, 8, "mid")]
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"] == ["a", "cat", "on", "a", "mat"]
+
+
+def _attn2(pipe) -> list[str]:
+    return [k.removesuffix(".processor") for k in pipe.unet.attn_processors if k.endswith("attn2.processor")]
+
+
+def _level(name: str, side: int, pipe) -> tuple:
+    from pipeline import capture
+
+    return capture.level_of(name, (side, side), len(pipe.unet.config.down_block_types))
 
 
 class _ReferenceProcessor:
@@ -217,12 +232,13 @@ def test_captured_maps_equal_reference_attention(tiny_model, monkeypatch, budget
             name = key.removesuffix(".processor")
             grid = capture.halve(latent, capture.block_depth(name, n_down))
             if name.endswith("attn2"):
-                cross.setdefault(grid, []).append(maps[step][:, list(plan.keep_tokens)].T)
+                level = capture.level_of(name, latent, n_down)
+                cross.setdefault(level, []).append(maps[step][:, list(plan.keep_tokens)].T)
             elif grid in (plan.self_grid, plan.step_grid):
                 selfs.append(pool_attention(maps[step], grid, plan.step_grid))
         assert set(cross) == set(record.cross)
         for grid, layers in cross.items():
-            expected = torch.stack(layers).mean(dim=0).reshape(-1, *grid).numpy()
+            expected = torch.stack(layers).mean(dim=0).reshape(-1, *grid[:2]).numpy()
             assert record.cross_layers[grid] == len(layers)
             np.testing.assert_allclose(record.cross[grid], expected, atol=1e-5)
         np.testing.assert_allclose(record.self_step, torch.stack(selfs).mean(dim=0).numpy(), atol=1e-5)
@@ -245,7 +261,7 @@ def test_recorder_applies_attention_masks_like_diffusers():
     q, k = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 5, 8)  # (batch, heads, queries/keys, d)
     mask = torch.zeros(2, 2, 1, 5)
     mask[..., 3:] = -10_000.0  # keys 3 and 4 masked out
-    rec.observe("cross", q, k, mask, 0.5)
+    rec.observe("cross", (4, 4), q, k, mask, 0.5)
     rec.finish()
     expected = ((q[1] @ k[1].transpose(-1, -2)) * 0.5 + mask[1]).softmax(-1).mean(0)  # (queries, keys)
     got = rec.steps[0].cross[(4, 4)]  # (tokens, 4, 4)
