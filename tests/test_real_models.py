@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from dashboard.export import export_all
 from jobs.depth import depth_for_run
-from pipeline.depth import load_depth_model, tiny_zoedepth
+from pipeline.depth import depth_inputs, estimate_depth, load_depth_model, tiny_zoedepth
 from pipeline.generate import GenerationConfig, generate_trace, run_pipeline
-from pipeline.models import REGISTRY, load_model
+from pipeline.models import REGISTRY, ModelNotFoundError, load_model
 from pipeline.tiny import build_tiny_pipeline
 from pipeline.trace_writer import write_trace
 from schema import TABLES
@@ -71,13 +74,13 @@ def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monke
     store = Store(root)
     assert store.depth(run_id) is None
     folder = tmp_path / "zoe"
-    tiny_zoedepth().model.save_pretrained(folder)
+    tiny_zoedepth().save_pretrained(folder)  # weights + image processor, as a hub snapshot holds them
     depth = load_depth_model("zoedepth", folder)  # the real loading path, offline
     depth_for_run(root, run_id, depth)
     dmap, info = store.depth(run_id)
     assert dmap.shape == (64, 64) and np.isfinite(dmap).all() and info["kind"] == "metric"
     names = zipfile.ZipFile(io.BytesIO(export_all(store, run_id))).namelist()
-    assert {"depth/depth.png", "depth/depth.csv", "depth/info.json"} <= set(names)
+    assert {"depth/depth.png", "depth/depth.npy", "depth/info.json"} <= set(names)
     monkeypatch.setenv("STEPX_STORE", str(root))
     at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "inspect.py"), default_timeout=120)
     at.query_params["run"] = run_id
@@ -91,10 +94,47 @@ def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monke
     at.run()
     assert not at.exception
     assert any("depth model's weights are not on this machine" in i.value for i in at.info)
-    res = subprocess.run([sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root)], cwd=ROOT,
-                         capture_output=True, text=True, env={**__import__("os").environ})  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ},
+    )
     assert res.returncode == 1 and "Intel/zoedepth-nyu-kitti not found" in res.stderr and "Traceback" not in res.stderr
-    res = subprocess.run([sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root),
-                          "--depth-path", str(folder)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "stepx.cli", "depth", other, "--store", str(root), "--depth-path", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert Store(root).depth(other)[0].shape == (64, 64)
+
+
+def test_depth_input_is_the_processors_padded_aspect_kept_image(tmp_path):
+    depth = tiny_zoedepth()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((48, 80, 3)) * 255).astype(np.uint8))  # (h, w) = (48, 80): not square
+    x = depth_inputs(depth, image)
+    assert torch.equal(x, depth.processor(images=image, return_tensors="pt").pixel_values)
+    # ZoeDepth's rule: reflect-pad int(sqrt(side / 2) * 3) per edge, scale both sides by the factor nearer 1
+    # towards the processor's 96 x 128, then round each side to a multiple of 32.
+    pad_h, pad_w = int(np.sqrt(48 / 2) * 3), int(np.sqrt(80 / 2) * 3)
+    scale = min((96 / (48 + 2 * pad_h), 128 / (80 + 2 * pad_w)), key=lambda f: abs(1 - f))
+    expect = tuple(int(round(side * scale / 32) * 32) for side in (48 + 2 * pad_h, 80 + 2 * pad_w))
+    assert tuple(x.shape) == (1, 3, *expect)
+    # the padding is a mirror: the input's top rows repeat the rows just below them, flipped
+    padded = np.pad(np.asarray(image, dtype=np.float32), ((pad_h, pad_h), (pad_w, pad_w), (0, 0)), mode="reflect")
+    resized = F.interpolate(
+        torch.from_numpy(padded).permute(2, 0, 1)[None] / 255, size=expect, mode="bilinear", align_corners=True
+    )
+    assert torch.allclose(x, (resized - 0.5) / 0.5, atol=1e-5)
+    dmap = estimate_depth(depth, image)
+    assert dmap.shape == (48, 80) and dmap.dtype == np.float32 and np.isfinite(dmap).all()
+    folder = tmp_path / "weights-only"
+    depth.model.save_pretrained(folder)
+    with pytest.raises(ModelNotFoundError, match="preprocessor_config.json"):
+        load_depth_model("zoedepth", folder)
+    depth.save_pretrained(folder)
+    assert np.array_equal(estimate_depth(load_depth_model("zoedepth", folder), image), dmap)
