@@ -34,13 +34,32 @@ def rect_to_box(
     return (max(0.0, x1 * sx), max(0.0, y1 * sy), min(image_size[0], x2 * sx), min(image_size[1], y2 * sy))
 
 
+def polygon_points(obj: dict) -> list[tuple[float, float]]:
+    """A Fabric polygon's corners in canvas pixels.
+
+    Fabric keeps `points` in the coordinates they were drawn in and places the object by its box:
+    `pathOffset` is the points' box centre, and the object's centre is `left`/`top` plus half its size
+    (points' box plus the stroke, times the scale). So a corner is `centre + (point - pathOffset) * scale`;
+    for a polygon that was never moved this is the point itself.
+    """
+    stroke = float(obj.get("strokeWidth", 0) or 0)
+    sx, sy = float(obj.get("scaleX", 1) or 1), float(obj.get("scaleY", 1) or 1)
+    off = obj.get("pathOffset") or {}
+    pts = [(float(p["x"]), float(p["y"])) for p in obj.get("points", [])]
+    if not pts:
+        return []
+    ox = float(off.get("x", (min(x for x, _ in pts) + max(x for x, _ in pts)) / 2))
+    oy = float(off.get("y", (min(y for _, y in pts) + max(y for _, y in pts)) / 2))
+    cx = float(obj.get("left", 0)) + (float(obj.get("width", 0)) + stroke) * sx / 2
+    cy = float(obj.get("top", 0)) + (float(obj.get("height", 0)) + stroke) * sy / 2
+    return [(cx + (x - ox) * sx, cy + (y - oy) * sy) for x, y in pts]
+
+
 def path_to_points(obj: dict, canvas_size: tuple[int, int], image_size: tuple[int, int]) -> list[tuple[float, float]]:
     """A drawn polygon (Fabric 'path' of M/L commands, or 'polygon' points) in image pixels."""
     sx, sy = image_size[0] / canvas_size[0], image_size[1] / canvas_size[1]
     if str(obj.get("type", "")).lower() == "polygon":
-        left = obj.get("left", 0) - obj.get("pathOffset", {}).get("x", 0)
-        top = obj.get("top", 0) - obj.get("pathOffset", {}).get("y", 0)
-        pts = [(p["x"] + left, p["y"] + top) for p in obj.get("points", [])]
+        pts = polygon_points(obj)
     else:
         pts = [(cmd[1], cmd[2]) for cmd in obj.get("path", []) if cmd and cmd[0] in ("M", "L") and len(cmd) >= 3]
     out = []

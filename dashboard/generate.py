@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,32 +97,86 @@ def request_form() -> GenerateRequest | None:
     return GenerateRequest(prompt, negative, model, int(seed), int(steps), float(guidance), int(size), int(size))
 
 
+def worker_alive(store: Path, jobs: list[queue.Job]) -> bool:
+    """A worker beat recently, or a running job's heartbeat is fresh (a long job is not a dead worker)."""
+    if queue.live_worker(store) is not None:
+        return True
+    now = time.time()
+    return any(
+        j.status in queue.ACTIVE and j.heartbeat_at is not None and now - j.heartbeat_at < queue.HEARTBEAT_STALE_S
+        for j in jobs
+    )
+
+
+def elapsed(seconds: float | None) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'."""
+    s = max(0, int(seconds or 0))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def cancel_button(store: Path, job: queue.Job) -> None:
+    """Cancel a queued or running job (a running one stops at its worker's next step)."""
+    if st.button("Cancel", key=f"cancel_{job.job_id}", help="Stop this job; a running one stops at its next step"):
+        try:
+            queue.cancel(store, job.job_id)
+        except queue.JobError as exc:
+            st.session_state["cancel_error"] = str(exc)
+        st.rerun(scope="fragment")
+
+
+def job_line(job: queue.Job) -> str:
+    """One plain-text line about a job: its prompt, state, queue position and time."""
+    prompt = " ".join(str(job.request.get("prompt", "")).split())[:60]
+    head = f"Job {job.job_id}: {prompt}"
+    if job.status == "queued":
+        ahead = (job.position or 1) - 1
+        where = "next to run" if ahead == 0 else f"{ahead} job(s) ahead"
+        return f"{head} · queued, {where} · waiting {elapsed(job.waited_s())}"
+    if job.status == "running":
+        return f"{head} · step {job.step} of {job.total_steps or '?'} · running {elapsed(job.elapsed_s())}"
+    if job.status == "cancelling":
+        return f"{head} · cancelling (stops at the next step) · ran {elapsed(job.elapsed_s())}"
+    if job.status == "failed":
+        return f"{head} · failed: {job.error}"
+    took = job.elapsed_s()
+    return f"{head} · {job.status}" + (f" in {elapsed(took)}" if took is not None else "")
+
+
 @st.fragment(run_every=1.0)
 def job_status() -> None:
-    """This session's jobs: queued, running (with the step), done (opens the run) or failed."""
+    """This session's jobs: queued (position, wait), running (step, time), done (opens the run) or failed."""
     mine = st.session_state.get("my_jobs", [])
     if not mine:
         return
     store = Path(store_path())
-    if queue.live_worker(store) is None:
+    jobs = [j for j in (queue.get(store, i) for i in mine[-5:]) if j is not None]
+    waiting = [j for j in jobs if j.status == "queued" or j.status in queue.ACTIVE]
+    if waiting and not worker_alive(store, jobs):
         st.warning("No worker is running, so jobs wait in the queue: start one with `stepx worker` "
                    "(`make demo` starts one).")  # fmt: skip
-    for job_id in reversed(mine[-5:]):
-        job = queue.get(store, job_id)
-        if job is None:
-            continue
-        label = f"Job {job.job_id}: {job.request['prompt'][:60]}"
-        if job.status == "queued":
-            st.caption(f"{label} · queued")
-        elif job.status == "running":
-            total = job.total_steps or 1
-            st.progress(min(1.0, job.step / total), text=f"{label} · step {job.step} of {total}")
+    if "cancel_error" in st.session_state:
+        st.text(st.session_state.pop("cancel_error"))
+    for job in reversed(jobs):
+        line = job_line(job)
+        if job.status == "queued" or job.status in queue.ACTIVE:
+            a, b = st.columns([5, 1])
+            with a:
+                if job.status in queue.ACTIVE:
+                    st.progress(min(1.0, job.step / (job.total_steps or 1)))
+                st.text(line)
+            with b:
+                if job.status != "cancelling":
+                    cancel_button(store, job)
         elif job.status == "failed":
-            st.error(f"{label} · failed: {job.error}")
-        elif job.status == "done":
-            st.caption(f"{label} · done")
-            if job.request.get("kind") == "depth":
-                continue
+            st.error("Job failed (details below).")
+            st.text(line)
+        else:
+            st.text(line)
+        if job.status == "done" and job.request.get("kind") != "depth" and job.run_id:
             opened = st.session_state.setdefault("opened_jobs", [])
             if job.job_id not in opened:
                 opened.append(job.job_id)
@@ -130,9 +185,14 @@ def job_status() -> None:
 
 
 def generate_panel(expanded: bool = False) -> None:
-    """Generate a new image through the queue and follow it."""
-    with st.expander("Generate a new image", expanded=expanded):
-        req = request_form()
-        if req is not None:
-            submit(req)
-        job_status()
+    """Generate a new image through the queue and follow it.
+
+    The panel tracks its open state, so the model list (a subprocess) is asked for only once it is opened.
+    """
+    panel = st.expander("Generate a new image", expanded=expanded, key="gen_panel", on_change="rerun")
+    with panel:
+        if panel.open or (panel.open is None and expanded):
+            req = request_form()
+            if req is not None:
+                submit(req)
+    job_status()

@@ -6,8 +6,11 @@ Runs are immutable, so anything keyed by run id can be cached for the life of th
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +34,12 @@ def store_path() -> str:
 
 
 def store() -> Store:
-    """The store this server reads ($STEPX_STORE or data/store)."""
+    """The store this server reads ($STEPX_STORE or data/store), shared by every session.
+
+    Its cached DuckDB connection runs only the dashboard's own fixed SQL with bound parameters. A user's
+    SQL never reaches it: `Store.sql` runs each query in a fresh DuckDB in its own process (store/sql.py),
+    so nothing one session's query creates, replaces or sets is seen by the next query or another session.
+    """
     return _store(store_path())
 
 
@@ -45,19 +53,65 @@ def image_bytes(root: str, run_id: str, step: int | None) -> bytes:
     return _store(root).image(run_id, step)[0]
 
 
-@st.cache_data(ttl=30, show_spinner=False)
+MODELS_REFRESH_S = 300.0  # the model list changes only when weights are added; refreshed in the background
+log = logging.getLogger("stepx.dashboard")
+
+
+class ModelList:
+    """The model registry with availability, asked of the pipeline's CLI in a subprocess (no torch here).
+
+    Asked once, then refreshed in a background thread when older than MODELS_REFRESH_S: a page rerun
+    never waits for the subprocess except the very first time the list is needed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[dict] | None = None
+        self._at = 0.0
+        self._refreshing = False
+
+    def _ask(self) -> None:
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "stepx.cli", "models", "--format", "json"],
+                cwd=ROOT, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if out.returncode != 0:
+                log.warning("`stepx models` failed (exit %s): %s", out.returncode, out.stderr.strip()[-2000:])
+                entries: list[dict] = []
+            else:
+                if out.stderr.strip():
+                    log.info("`stepx models` stderr: %s", out.stderr.strip()[-2000:])
+                entries = json.loads(out.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.warning("`stepx models` could not run: %s", exc)
+            entries = []
+        with self._lock:
+            self._entries, self._at, self._refreshing = entries, time.monotonic(), False
+
+    def get(self) -> list[dict]:
+        """The latest list; blocks only before the first answer, refreshes stale lists behind the page."""
+        with self._lock:
+            entries, stale = self._entries, time.monotonic() - self._at > MODELS_REFRESH_S
+            start = entries is not None and stale and not self._refreshing
+            if start:
+                self._refreshing = True
+        if entries is None:
+            self._ask()
+            return self._entries or []
+        if start:
+            threading.Thread(target=self._ask, name="stepx-models", daemon=True).start()
+        return entries
+
+
+@st.cache_resource(show_spinner=False)
+def _model_list() -> ModelList:
+    return ModelList()
+
+
 def models() -> list[dict]:
-    """The model registry with availability, asked of the pipeline's CLI (no torch import here)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "stepx.cli", "models", "--format", "json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if out.returncode != 0:
-        return []
-    return json.loads(out.stdout)
+    """The model registry with availability (see ModelList)."""
+    return _model_list().get()
 
 
 def generators() -> list[dict]:

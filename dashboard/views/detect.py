@@ -8,9 +8,10 @@ from PIL import Image, ImageDraw
 
 from analysis.detection import Detection, detect, guided_map
 from analysis.titan import coco_for_runs, dumps, run_objects
-from dashboard.render import decode, overlay
+from dashboard.export import coco_zip
+from dashboard.render import Scale, decode, label, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path, word_map
-from dashboard.widgets import look, pick_run
+from dashboard.widgets import look, pick_run, plain
 
 DISPLAY_PX = 448
 METHODS = ["DAAM + self-attention", "DAAM alone"]
@@ -42,7 +43,7 @@ def draw_detections(image: Image.Image, dets: list[Detection], size: tuple[int, 
         draw.rectangle([x * sx, y * sy, (x + w) * sx - 1, (y + h) * sy - 1], outline=colour, width=2)
         if len(d.polygon) >= 3:
             draw.polygon([(px * sx, py * sy) for px, py in d.polygon], outline=colour)
-        draw.text((x * sx + 3, y * sy + 2), d.label, fill=colour)
+        label(draw, (x * sx + 4, y * sy + 3), d.label, colour, max(14, out.width // 28))
     return out
 
 
@@ -81,8 +82,11 @@ def body() -> None:
     shown = (DISPLAY_PX, round(DISPLAY_PX * size[1] / size[0]))
     left, right = st.columns(2)
     with left:
-        st.image(draw_detections(overlay(image, heat, alpha, cmap, size=shown), dets, size),
-                 caption=f"'{word}' · {method} · {len(dets)} region(s)", width="stretch")  # fmt: skip
+        scale = Scale(0.0, float(heat.max()))
+        units = "attention probability" if method == METHODS[1] else "self-attention-guided attention"
+        st.image(with_colorbar(draw_detections(overlay(image, heat, alpha, cmap, size=shown, scale=scale), dets, size),
+                               cmap, scale, units),
+                 caption=f"'{plain(word)}' · {method} · {len(dets)} region(s)", width="stretch")  # fmt: skip
         if dets:
             st.dataframe(
                 [{"label": d.label, "x": d.bbox[0], "y": d.bbox[1], "width": d.bbox[2], "height": d.bbox[3],
@@ -123,6 +127,8 @@ def titan(run: dict, image: Image.Image, size, shown, threshold: str | float, gu
                  caption=f"{len(dets)} annotations, {len(cats)} categories", width="stretch")  # fmt: skip
         st.download_button("Download COCO JSON", dumps(doc), f"stepx-{run['run_id']}-coco.json",
                            "application/json", key="detect_coco")  # fmt: skip
+        st.download_button("Download COCO ZIP (JSON + images)", coco_zip(store(), doc),
+                           f"stepx-{run['run_id']}-coco.zip", "application/zip", key="detect_coco_zip")  # fmt: skip
 
 
 guarded(body)

@@ -2,12 +2,56 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import streamlit as st
 
 from dashboard.state import guarded, image_bytes, select_run, store, store_path
+from dashboard.widgets import plain, prompt_text
+from schema.layout import gallery_progress_path
 
 PER_PAGE = 24
 COLUMNS = 4
+SHOW_FINISHED_S = 120.0  # a finished build's summary stays this long
+STALLED_S = 900.0  # no progress for this long: the build stopped (one run takes well under a minute)
+
+
+def build_progress(root: str) -> dict | None:
+    """The gallery build's progress file (None when there is none or it can't be read)."""
+    try:
+        data = json.loads(gallery_progress_path(Path(root)).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("total"), int) else None
+
+
+@st.fragment(run_every=2.0)
+def build_status(shown: int) -> None:
+    """Progress of a gallery build running behind the dashboard; new runs appear as they finish."""
+    root = store_path()
+    prog = build_progress(root)
+    if prog is None:
+        return
+    now, total, done = time.time(), max(1, prog["total"]), int(prog.get("done") or 0)
+    finished = prog.get("finished_at")
+    name = plain(str(prog.get("gallery", "gallery")))
+    if prog.get("error"):
+        st.error(f"The {name} gallery build stopped after {done} of {total} runs.")
+        st.text(str(prog["error"]))
+    elif finished:
+        if now - finished < SHOW_FINISHED_S:
+            st.success(f"The {name} gallery is built: {done} of {total} runs.")
+    elif now - float(prog.get("updated_at") or 0) > STALLED_S:
+        st.warning(f"The {name} gallery build stopped at {done} of {total} runs; `make demo` resumes it.")
+    else:
+        st.progress(done / total, text=f"Building the {name} gallery: {done} of {total} runs "
+                    f"({plain(str(prog.get('model', '')))}); runs appear here as they finish.")  # fmt: skip
+        if prog.get("current"):
+            st.text(f"Now: {prog['current']}")
+    if len(store().runs()) != shown:
+        st.rerun(scope="app")
 
 
 def filters(tags: list[str], models: list[str]) -> tuple[str | None, str | None, str]:
@@ -23,6 +67,7 @@ def body() -> None:
     st.title("Gallery")
     s = store()
     everything = s.runs()
+    build_status(len(everything))
     if not everything:
         st.info(
             "This store has no runs yet. Build the curated gallery with `make demo` (or "
@@ -48,8 +93,8 @@ def body() -> None:
                     st.image(image_bytes(root, run["run_id"], None), width="stretch")
                 except Exception:  # noqa: BLE001 - a broken run shows as such, the grid goes on
                     st.warning("image missing")
-                st.markdown(f"**{run['prompt']}**")
-                st.caption(f"{run['model_name']} · seed {run['seed']} · {run['steps']} steps")
+                prompt_text(run["prompt"])
+                st.caption(f"{plain(run['model_name'])} · seed {run['seed']} · {run['steps']} steps")
                 if st.button("Inspect", key=f"open_{run['run_id']}", width="stretch"):
                     select_run(run["run_id"])
                     st.switch_page("views/inspect.py")
@@ -57,7 +102,7 @@ def body() -> None:
     if bad:
         with st.expander(f"{len(bad)} unreadable runs"):
             for run_id, why in bad.items():
-                st.write(f"`{run_id}`: {why}")
+                st.text(f"{run_id}: {why}")
 
 
 guarded(body)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.export import export_all
+from dashboard.export import _slug, export_all
 from dashboard.generate import generate_panel
-from dashboard.render import COLORMAPS, decode, gif_bytes, overlay
+from dashboard.render import COLORMAPS, Scale, decode, gif_bytes, overlay, with_colorbar
 from dashboard.state import depth_models, guarded, image_bytes, store, store_path, word_map
-from dashboard.widgets import pick_run
+from dashboard.widgets import normalisation, pick_run, plain, prompt_text, scale_of
+from dashboard.words import cut_words, is_content
 from jobs import queue
 from store import GLOBAL, Word
 
@@ -18,20 +19,33 @@ DISPLAY_PX = 512
 
 
 def word_picker(words: list[Word]) -> str | int:
-    """Global first, then each prompt word (repeated words labelled by position)."""
-    counts: dict[str, int] = {}
-    for w in words:
-        counts[w.word] = counts.get(w.word, 0) + 1
-    options: list[str | int] = [GLOBAL] + [w.word_index for w in words]
-    names = {w.word_index: (w.word if counts[w.word] == 1 else f"{w.word} (word {w.word_index + 1})") for w in words}
+    """Global first, then the prompt's content words; function words and punctuation behind a toggle.
+
+    Words are stored merged (a multi-piece word is one option); a repeated word is labelled by position.
+    """
     asked = st.query_params.get("word")
     if asked and "inspect_word" not in st.session_state:
         match = [w.word_index for w in words if w.word.casefold() == asked.casefold()]
         if match:
             st.session_state["inspect_word"] = match[0]
         else:
-            st.warning(f"'{asked}' is not a word of this prompt; showing Global. Words: {', '.join(names.values())}")
-    if st.session_state.get("inspect_word") not in options:
+            st.warning("The word asked for in the address is not a word of this prompt; showing Global.")
+    hidden = [w for w in words if not is_content(w.word)]
+    show_all = bool(hidden) and st.toggle(
+        f"Show function words and punctuation ({len(hidden)})", key="inspect_all_words",
+        help="Words like 'a', 'on', 'the' and commas have maps too, but they rarely say where an object is.",
+    )  # fmt: skip
+    chosen = st.session_state.get("inspect_word")
+    shown = [w for w in words if show_all or is_content(w.word) or w.word_index == chosen]
+    counts: dict[str, int] = {}
+    for w in shown:
+        counts[w.word.casefold()] = counts.get(w.word.casefold(), 0) + 1
+    names = {
+        w.word_index: plain(w.word if counts[w.word.casefold()] == 1 else f"{w.word} (word {w.word_index + 1})")
+        for w in shown
+    }
+    options: list[str | int] = [GLOBAL] + [w.word_index for w in shown]
+    if chosen not in options:
         st.session_state.pop("inspect_word", None)
     return st.radio(
         "Word",
@@ -45,23 +59,42 @@ def word_picker(words: list[Word]) -> str | int:
 def step_picker(steps: int) -> int | None:
     """A denoising step (0-based), or None for the sum over all steps."""
     all_steps = st.toggle("All steps (aggregate)", value=False, key="inspect_all_steps")
-    step = st.slider("Step", 1, steps, steps, key="inspect_step", disabled=all_steps)
+    step = st.slider("Step", 1, steps, steps, key="inspect_step", disabled=all_steps,
+                     help="Click the slider, then the left and right arrow keys move one step.")  # fmt: skip
     return None if all_steps else step - 1
 
 
-def display_controls(levels: list[str]) -> tuple[float, str, tuple[str, ...] | None]:
-    """Overlay alpha, colormap, and the resolution levels to combine (None = all)."""
+def display_controls(levels: list[str]) -> tuple[float, str, dict, tuple[str, ...] | None]:
+    """Overlay alpha, colormap, colour-scale choice, and the resolution levels to combine (None = all)."""
     a, b = st.columns(2)
     alpha = a.slider("Overlay alpha", 0.0, 1.0, 0.6, 0.05, key="inspect_alpha")
     cmap = b.selectbox("Colormap", list(COLORMAPS), key="inspect_cmap")
+    norm = normalisation("inspect")
     chosen = st.multiselect("Resolution levels", levels, default=levels, key="inspect_levels")
     if not chosen:
         st.info("No level selected: showing all levels.")
-    return alpha, cmap, (tuple(chosen) if chosen and len(chosen) < len(levels) else None)
+    return alpha, cmap, norm, (tuple(chosen) if chosen and len(chosen) < len(levels) else None)
 
 
 def word_label(words: list[Word], word: str | int) -> str:
     return "Global" if word == GLOBAL else next(w.word for w in words if w.word_index == word)
+
+
+def across_steps_max(root: str, run_id: str, word: str | int, steps: int, levels) -> float:
+    """The word's largest value over every step (one colour scale for the whole slider)."""
+    return max(float(word_map(root, run_id, word, s, levels).max()) for s in range(steps))
+
+
+def truncation_notice(run: dict, words: list[Word]) -> None:
+    """Say visibly that a long prompt was cut, and show the words the model never saw."""
+    if not run.get("prompt_truncated"):
+        return
+    cut = cut_words(run["prompt"], [w.word for w in words])
+    st.warning(
+        f"This prompt is longer than the text encoder takes: only its first {len(words)} words were used, "
+        "so the words below have no attention maps and did not shape the image."
+    )
+    st.text(f"Cut: {cut}" if cut else "Cut: (the end of the prompt)")
 
 
 def body() -> None:
@@ -76,11 +109,12 @@ def body() -> None:
     run_id = pick_run(runs, "inspect_run_select")
     run = s.run(run_id)
     words = s.words(run_id)
-    st.markdown(f"**{run['prompt']}**")
-    st.caption(
+    prompt_text(run["prompt"])
+    st.text(
         f"{run['model_name']} · seed {run['seed']} · {run['steps']} steps · guidance {run['guidance']:g} · "
-        f"{run['width']}x{run['height']} px · {run['scheduler']} · run `{run_id}`"
+        f"{run['width']}x{run['height']} px · {run['scheduler']} · run {run_id}"
     )
+    truncation_notice(run, words)
     if not words:
         st.warning("This prompt has no words to inspect.")
         return
@@ -89,18 +123,22 @@ def body() -> None:
         st.subheader("Attention Controls")
         word = word_picker(words)
         step = step_picker(run["steps"])
-        alpha, cmap, levels = display_controls(list(run["levels"]))
+        alpha, cmap, norm, levels = display_controls(list(run["levels"]))
     heat = word_map(root, run_id, word, step, levels)
+    across = across_steps_max(root, run_id, word, run["steps"], levels) if step is not None else None
+    scale = scale_of(heat, norm, across)
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
     label = word_label(words, word)
     where = "all steps (sum)" if step is None else f"step {step + 1} of {run['steps']}"
     with left:
-        st.image(overlay(base, heat, alpha, cmap, size=size), caption=f"{label} · {where}", width="stretch")
+        st.image(with_colorbar(overlay(base, heat, alpha, cmap, size=size, scale=scale), cmap, scale),
+                 caption=f"{plain(label)} · {where}", width="stretch")  # fmt: skip
         st.caption(
             f"Raw values: min {heat.min():.4g}, max {heat.max():.4g} (attention probability per latent pixel, "
             f"{'levels ' + ', '.join(levels) if levels else 'all levels'} averaged"
-            f"{', summed over steps' if step is None else ''}); the colours are scaled to the max."
+            f"{', summed over steps' if step is None else ''}); colours {norm['mode']}: "
+            f"{scale.lo:.4g} to {scale.hi:.4g}."
         )
         with st.expander("Final image"):
             st.image(image_bytes(root, run_id, None), width=min(DISPLAY_PX, run["width"] * 4))
@@ -122,8 +160,10 @@ def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int
             near_is_high = info["kind"] == "relative"
             shown = depth if near_is_high else depth.max() - depth  # bright = near in both cases
             base = decode(image_bytes(store_path(), run_id, None))
-            st.image(overlay(base, shown - shown.min(), alpha, cmap, size=size), width="stretch",
-                     caption=f"{info['model_id']} · {info['kind']} depth {info['min_value']:.3g} to "
+            dscale = Scale(0.0, float(shown.max() - shown.min()))
+            st.image(with_colorbar(overlay(base, shown - shown.min(), alpha, cmap, size=size, scale=dscale), cmap,
+                                   dscale, "depth (relative to the nearest point)"), width="stretch",
+                     caption=f"{plain(info['model_id'])} · {info['kind']} depth {info['min_value']:.3g} to "
                      f"{info['max_value']:.3g} · bright = near")  # fmt: skip
             return
         entries = {m["name"]: m for m in depth_models()}
@@ -146,16 +186,18 @@ def downloads(run_id: str, run: dict, word: str | int, label: str, levels, alpha
     key = (run_id, word, levels, alpha, cmap)
     if st.button("GIF Animation", key="make_gif", help="The selected word over every step"):
         maps = [word_map(root, run_id, word, s, levels) for s in range(run["steps"])]
-        vmax = max(float(m.max()) for m in maps)
-        frames = [overlay(decode(image_bytes(root, run_id, s)), m, alpha, cmap, vmax, size) for s, m in enumerate(maps)]
+        scale = Scale(0.0, max(float(m.max()) for m in maps))
+        frames = [with_colorbar(overlay(decode(image_bytes(root, run_id, s)), m, alpha, cmap, size=size, scale=scale),
+                                cmap, scale) for s, m in enumerate(maps)]  # fmt: skip
         st.session_state["gif"] = (key, gif_bytes(frames))
     gif = st.session_state.get("gif")
     if gif and gif[0] == key:
-        st.image(gif[1], caption=f"{label} over {run['steps']} steps (fixed colour scale)")
-        st.download_button("Download GIF", gif[1], f"stepx-{run_id}-{label}.gif", "image/gif", key="dl_gif")
-    if st.button("Export All", key="make_zip", help="Every token x step map, values CSV, GIFs, metadata"):
+        st.image(gif[1], caption=f"{plain(label)} over {run['steps']} steps (one colour scale)")
+        st.download_button("Download GIF", gif[1], f"stepx-{run_id}-{_slug(label)}.gif", "image/gif", key="dl_gif")
+    everything = "Every token x step map at display size (colour and overlay PNGs), raw .npy arrays, CSV, GIFs"
+    if st.button("Export All", key="make_zip", help=everything):
         with st.spinner("Building the ZIP..."):
-            st.session_state["zip"] = (run_id, export_all(store(), run_id, cmap, alpha))
+            st.session_state["zip"] = (run_id, export_all(store(), run_id, cmap, alpha, size))
     zipped = st.session_state.get("zip")
     if zipped and zipped[0] == run_id:
         st.download_button(

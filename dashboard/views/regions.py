@@ -19,12 +19,14 @@ from analysis.regions import (
     validate_polygon,
 )
 from dashboard.canvas import click_to_pixel, last_object, path_to_points, rect_to_box
-from dashboard.render import decode, gif_bytes, overlay, strip
+from dashboard.render import decode, gif_bytes, grid, label, mark_point, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path
-from dashboard.widgets import look, pick_run
+from dashboard.widgets import look, normalisation, pick_run, scale_of
 
 TOOLS = ["Pixel heatmap", "BBox heatmap", "Contour heatmap", "Pixel diffused heatmap"]
 CANVAS_PX = 384
+UNITS = "self-attention probability"
+STRIP_FRAMES = 20  # the diffusion strip shows at most this many iterations, in rows of 5 legible thumbnails
 
 
 def source_picker(steps: int) -> int | None:
@@ -43,7 +45,12 @@ def pixel_input(image: Image.Image, size: tuple[int, int], grid: tuple[int, int]
         return parse_indices(text, grid)
     from streamlit_image_coordinates import streamlit_image_coordinates
 
-    value = streamlit_image_coordinates(image.resize(display_size(size)), key=f"{key}_click")
+    shown = display_size(size)
+    before = click_to_pixel(st.session_state.get(f"{key}_click"), size)
+    picture = image.resize(shown)
+    if before is not None:  # mark the picked pixel on the input image itself
+        picture = mark_point(picture, (before[0] * shown[0] / size[0], before[1] * shown[1] / size[1]))
+    value = streamlit_image_coordinates(picture, key=f"{key}_click")
     pixel = click_to_pixel(value, size)
     if pixel is None:
         st.caption("Click the image to pick a pixel.")
@@ -76,7 +83,9 @@ def shape_input(tool: str, image: Image.Image, size: tuple[int, int], grid: tupl
         key=f"regions_canvas_{mode}",
     )  # fmt: skip
     st.caption(
-        "Drag a rectangle." if mode == "rect" else "Click the corners; double-click (or click the start) to close."
+        "Drag a rectangle."
+        if mode == "rect"
+        else "Click the corners, then click the first corner again to close the polygon."
     )
     if mode == "rect":
         obj = last_object(result.json_data, ("rect",))
@@ -124,6 +133,7 @@ def body() -> None:
     tool = st.radio("Tool", TOOLS, horizontal=True, key="regions_tool")
     typed = st.radio("Input", ["Draw / click", "Type"], horizontal=True, key="regions_mode") == "Type"
     alpha, cmap = look("regions")
+    norm = normalisation("regions", with_across=False)
     image = decode(image_bytes(store_path(), run_id, step)).resize(size)
     left, right = st.columns(2)
     with left:
@@ -146,28 +156,40 @@ def body() -> None:
             return
         shown = display_size(size)
         if tool == "Pixel diffused heatmap":
-            show_diffusion(sa.matrix, cells[0], grid, image, alpha, cmap, shown)
+            show_diffusion(sa.matrix, cells[0], grid, image, alpha, cmap, shown, norm)
             return
         heat = region_map(sa.matrix, cells, grid)
-        st.image(overlay(mark_cells(image.resize(shown), cells, grid), heat, alpha, cmap, size=shown),
+        scale = scale_of(heat, norm)
+        picture = overlay(mark_cells(image.resize(shown), cells, grid), heat, alpha, cmap, size=shown, scale=scale)
+        st.image(with_colorbar(picture, cmap, scale, UNITS),
                  caption=f"{tool} · {len(cells)} cells · max {heat.max():.4g}", width="stretch")  # fmt: skip
 
 
-def show_diffusion(matrix: np.ndarray, start: int, grid, image: Image.Image, alpha: float, cmap: str, shown) -> None:
-    """Iterate from one cell; the final map, the intermediate maps as a strip, and a GIF."""
+def show_diffusion(
+    matrix: np.ndarray, start: int, cells_grid, image: Image.Image, alpha: float, cmap: str, shown, norm: dict
+) -> None:
+    """Iterate from one cell; the final map, up to STRIP_FRAMES intermediate maps as a grid, and a GIF."""
     a, b = st.columns(2)
     iterations = a.slider("Iterations", 1, 50, 10, key="regions_iterations")
     threshold = b.slider("Threshold (fraction of range)", 0.0, 0.9, 0.2, 0.05, key="regions_threshold")
     try:
-        maps = diffuse(matrix, start, grid, iterations, threshold)
+        maps = diffuse(matrix, start, cells_grid, iterations, threshold)
     except RegionInputError as exc:
         st.error(str(exc))
         return
-    frames = [overlay(image.resize(shown), m, alpha, cmap, size=shown) for m in maps]
-    st.image(frames[-1], caption=f"Diffused from cell {start} · {iterations} iterations · threshold {threshold:g}",
-             width="stretch")  # fmt: skip
-    thumbs = [f.resize((96, round(96 * f.height / f.width))) for f in frames]
-    st.image(strip(thumbs), caption="Iteration 0 (start) to the last", width="stretch")
+    scales = [scale_of(m, norm) for m in maps]
+    base = image.resize(shown)
+    frames = [overlay(base, m, alpha, cmap, size=shown, scale=sc) for m, sc in zip(maps, scales, strict=True)]
+    st.image(with_colorbar(frames[-1], cmap, scales[-1], UNITS), width="stretch",
+             caption=f"Diffused from cell {start} · {iterations} iterations · threshold {threshold:g}")  # fmt: skip
+    picks = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(len(frames), STRIP_FRAMES))})
+    thumbs = []
+    for i in picks:
+        thumb = frames[i].resize((128, round(128 * frames[i].height / frames[i].width)))
+        label(ImageDraw.Draw(thumb), (4, 4), "start" if i == 0 else f"it {i}", "#ffffff", 14)
+        thumbs.append(thumb)
+    st.image(grid(thumbs, per_row=5), width="content",
+             caption=f"{len(picks)} of {len(frames)} maps, iteration 0 (start) to {len(frames) - 1}")  # fmt: skip
     st.download_button("Download GIF", gif_bytes(frames, 300), "stepx-diffusion.gif", "image/gif", key="regions_gif")
 
 
