@@ -8,11 +8,14 @@ Runs already in the store (same gallery, prompt, seed, model) are skipped, so bu
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.models import DATA_DIR, default_model_name, get_spec, load_model, locate
+from schema.layout import gallery_progress_path
 from schema.limits import LimitError, check_generation, check_prompt, check_value
 from store import Store
 
@@ -69,13 +72,31 @@ def load_spec(path: Path = DEFAULT_SPEC) -> tuple[dict, list[GalleryItem]]:
     return spec, items
 
 
+class Progress:
+    """The build's progress as a small JSON file in the store, rewritten atomically after each run, so the
+    dashboard's Gallery page (started first by `make demo`) can show how far the build is."""
+
+    def __init__(self, root: Path, gallery: str, model: str, total: int, already: int) -> None:
+        self.path = gallery_progress_path(root)
+        self.state = {"gallery": gallery, "model": model, "total": total, "done": already, "generated": 0,
+                      "current": None, "started_at": time.time(), "updated_at": time.time(), "finished_at": None,
+                      "error": None, "pid": os.getpid()}  # fmt: skip
+
+    def write(self, **changes: object) -> None:
+        self.state.update(changes, updated_at=time.time())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.path)
+
+
 def build_gallery(
     root: Path,
     spec_path: Path = DEFAULT_SPEC,
     model_name: str | None = None,
     on_run: Callable[[int, int, str], None] | None = None,
 ) -> dict:
-    """Generate the spec's missing runs into the store; returns counts."""
+    """Generate the spec's missing runs into the store (progress in `gallery_progress_path`); returns counts."""
     from pipeline.generate import GenerationConfig, generate_trace
     from pipeline.trace_writer import write_trace
 
@@ -85,13 +106,22 @@ def build_gallery(
         name = default_model_name()
     done = {(r["prompt"], r["seed"]) for r in Store(root).runs(gallery=spec["name"], model=name)}
     todo = [it for it in items if (it.prompt, it.seed) not in done]
-    if todo:
-        model = load_model(name)
-        for i, item in enumerate(todo, 1):
-            config = GenerationConfig(
-                item.prompt, seed=item.seed, steps=spec.get("steps"), tags=item.tags, gallery=spec["name"]
-            )
-            run_id = write_trace(root, generate_trace(model, config)).run_id
-            if on_run:
-                on_run(i, len(todo), run_id)
+    progress = Progress(root, spec["name"], name, len(items), len(items) - len(todo))
+    progress.write(current=todo[0].prompt if todo else None)
+    try:
+        if todo:
+            model = load_model(name)
+            for i, item in enumerate(todo, 1):
+                config = GenerationConfig(
+                    item.prompt, seed=item.seed, steps=spec.get("steps"), tags=item.tags, gallery=spec["name"]
+                )
+                run_id = write_trace(root, generate_trace(model, config)).run_id
+                nxt = todo[i].prompt if i < len(todo) else None
+                progress.write(done=len(items) - len(todo) + i, generated=i, current=nxt)
+                if on_run:
+                    on_run(i, len(todo), run_id)
+    except BaseException as exc:
+        progress.write(error=f"{type(exc).__name__}: {exc}"[:500], finished_at=time.time(), current=None)
+        raise
+    progress.write(finished_at=time.time(), current=None)
     return {"gallery": spec["name"], "model": name, "runs": len(items), "generated": len(todo)}

@@ -72,6 +72,11 @@ def index_dir(root: Path) -> Path:
     return root / "index"
 
 
+def gallery_progress_path(root: Path) -> Path:
+    """JSON progress of a gallery build (written by jobs.gallery, read by the dashboard's Gallery page)."""
+    return Path(root) / "jobs" / "gallery-progress.json"
+
+
 def run_dir(root: Path, run_id: str) -> Path:
     """The folder of one run; InvalidRunId for anything that is not a plain run id."""
     return root / "runs" / check_run_id(run_id)
