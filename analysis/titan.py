@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from analysis.detection import Detection, detect, guided_map
+from analysis.detection import DAAM_ALONE, GUIDED, GUIDED_BY_DEFAULT, Detection, detect, guided_map
 from store import Store
 
 NOUNS_SINCE = (1, 3)  # trace schema version that stores object nouns with the tokens
@@ -52,7 +52,9 @@ def run_objects(store: Store, run_id: str) -> list[PromptObject] | None:
     return list(out.values())
 
 
-def annotate(store: Store, run_id: str, threshold: str | float = "otsu", guided: bool = True) -> list[Detection]:
+def annotate(
+    store: Store, run_id: str, threshold: str | float = "otsu", guided: bool = GUIDED_BY_DEFAULT
+) -> list[Detection]:
     """Detections for each object noun of a run's prompt (one region per singular noun)."""
     run = store.run(run_id)
     objects = run_objects(store, run_id)
@@ -73,7 +75,9 @@ def annotate(store: Store, run_id: str, threshold: str | float = "otsu", guided:
     return out
 
 
-def coco_for_runs(store: Store, run_ids: list[str], threshold: str | float = "otsu", guided: bool = True) -> dict:
+def coco_for_runs(
+    store: Store, run_ids: list[str], threshold: str | float = "otsu", guided: bool = GUIDED_BY_DEFAULT
+) -> dict:
     """COCO JSON for runs: one image per run (file name = run id + .png), its object annotations."""
     images, annotations = [], []
     for image_id, run_id in enumerate(run_ids, start=1):
@@ -89,7 +93,7 @@ def coco_for_runs(store: Store, run_ids: list[str], threshold: str | float = "ot
             }
         )
         annotations += [(image_id, d) for d in annotate(store, run_id, threshold, guided)]
-    method = "DAAM + self-attention" if guided else "DAAM"
+    method = GUIDED if guided else DAAM_ALONE
     return coco_document(images, annotations, f"StepX TITAN annotations ({method}, threshold {threshold})")
 
 

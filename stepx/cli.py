@@ -11,7 +11,9 @@ leave their traceback in <store>/logs/stepx.log and name that file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
 import math
 import os
 import sys
@@ -169,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument(
         "--threshold", type=_threshold, default="otsu", help="'otsu' or a fraction of the maximum, e.g. 0.4"
     )
-    an.add_argument("--daam-only", action="store_true", help="word maps alone, without self-attention guidance")
+    how = an.add_mutually_exclusive_group()  # neither: analysis.detection.DEFAULT_METHOD (measured by stepx eval)
+    how.add_argument("--guided", dest="guided", action="store_true", help="steer word maps through self-attention")
+    how.add_argument("--daam-only", dest="guided", action="store_false", help="word maps alone")
+    an.set_defaults(guided=None)
 
     ev = sub.add_parser("eval", parents=[common], help="score the embedded model on its test (or validation) split")
     ev.add_argument("--model", default="shapes")
@@ -219,10 +224,21 @@ COMMANDS = {
 def train_shapes(argv: list[str]) -> int:
     """`stepx train-shapes ...`: the embedded model's training script, with its own options."""
     from shapes.train import main as train_main
+    from shapes.train import parse_args
 
+    said = io.StringIO()
+    try:  # its argparse prints a usage block on bad options: parse first, keep only the error's line
+        with contextlib.redirect_stderr(said):
+            parse_args(argv)
+    except SystemExit as exc:
+        if exc.code:
+            lines = [ln for ln in said.getvalue().splitlines() if ln.strip()]
+            reason = lines[-1].split(": error: ", 1)[-1] if lines else "bad arguments"
+            raise CliError(f"stepx train-shapes: {reason} (see stepx train-shapes --help)", 2) from None
+        return 0
     try:
-        return train_main(argv)
-    except SystemExit as exc:  # the trainer's own argument errors and refusals
+        return int(train_main(argv) or 0)
+    except SystemExit as exc:  # the trainer's own refusals
         if isinstance(exc.code, str):
             raise CliError(f"stepx train-shapes: {exc.code}", 2) from None
         return int(exc.code or 0)
@@ -273,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root: Path | None = None
     prefix = "stepx"
     try:
+        if any("\x00" in a for a in argv):
+            raise CliError("stepx: an argument holds a NUL character; remove it", 2)
         if argv[:1] == ["train-shapes"]:
             return train_shapes(argv[1:])
         args = build_parser().parse_args(argv)

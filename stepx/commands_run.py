@@ -107,6 +107,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     """Write TITAN object annotations of runs as a COCO JSON file."""
+    from analysis.detection import GUIDED_BY_DEFAULT
     from analysis.titan import coco_for_runs, dumps
 
     check_out_path(args.out, "stepx annotate: --out")
@@ -118,7 +119,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         run_ids = [r["run_id"] for r in store.runs(gallery=args.gallery)][::-1]
         if not run_ids:
             raise CliError(f"stepx annotate: no runs in gallery {args.gallery!r}")
-    doc = coco_for_runs(store, run_ids, args.threshold, guided=not args.daam_only)
+    guided = GUIDED_BY_DEFAULT if args.guided is None else args.guided
+    doc = coco_for_runs(store, run_ids, args.threshold, guided=guided)
     write_output(args.out, dumps(doc), "stepx annotate: --out")
     print(f"{len(doc['annotations'])} annotations on {len(doc['images'])} images -> {args.out}")
     return 0

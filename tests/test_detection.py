@@ -18,6 +18,7 @@ from analysis.metrics import mask_iou, otsu_threshold
 from analysis.titan import annotate, coco_for_runs
 from jobs.synth import synth_store
 from pipeline.nouns import prompt_objects
+from stepx.cli import main
 from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,6 +115,10 @@ def test_coco_json_valid_for_gallery(tmp_path):
         assert coco.annToMask(ann).sum() > 0
     same = coco_for_runs(store, [r["run_id"] for r in store.runs()][::-1])
     assert len(same["annotations"]) == len(doc["annotations"])
+    assert f"({detection.DEFAULT_METHOD}, threshold otsu)" in doc["info"]["description"]
+    for flag, method in (("--guided", detection.GUIDED), ("--daam-only", detection.DAAM_ALONE)):
+        assert main(["annotate", "--gallery", "synthetic", "--out", str(out), "--store", str(tmp_path), flag]) == 0
+        assert f"({method}, threshold otsu)" in json.loads(out.read_text())["info"]["description"]
 
 
 def test_annotate_cli_errors(tmp_path):
