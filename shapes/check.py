@@ -28,7 +28,6 @@ import numpy as np
 from skimage.color import rgb2hsv
 from skimage.measure import label, regionprops
 
-from analysis.metrics import mask_iou
 from shapes.scenes import ANCHORS, BACKGROUND, IMAGE_SIZE, PALETTE, ObjectSpec
 
 MIN_SATURATION = 0.35
@@ -180,9 +179,6 @@ def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | 
     """Per requested object: present, right colour, right region, and a predicted mask."""
     return check_image(image, objects, min_area).objects
 
-
-# Kept while shapes/train.py (being split into modules) still imports it; new code uses analysis.metrics.mask_iou.
-iou = mask_iou
 
 __all__ = [
     "Component",

@@ -426,13 +426,6 @@ def noise_seeds(split: str, scene_index: int, count: int) -> list[int]:
     return list(range(base, base + count))
 
 
-def heldout_suite(n: int = 32, seed: int = _VALIDATION_STREAM, size: int = IMAGE_SIZE) -> list[Scene]:
-    """Deprecated name of `validation_suite` (kept while the trainer moves over); only the validation stream."""
-    if seed != _VALIDATION_STREAM:
-        raise ValueError("evaluation scenes come from the validation or test split, not a free seed")
-    return validation_suite(n, size)
-
-
 def scene_for_prompt(text: str, seed: int = 0, size: int = IMAGE_SIZE) -> Scene:
     """Render what a free prompt asks for (ground-truth masks for an evaluator)."""
     specs = parse_caption(text)
@@ -463,7 +456,6 @@ __all__ = [
     "ObjectSpec",
     "Scene",
     "SceneObject",
-    "heldout_suite",
     "is_heldout",
     "check_suite",
     "make_caption",

@@ -102,7 +102,7 @@ def test_only_the_evaluator_reaches_the_test_split():
 
 
 def test_a_shape_twin_changes_only_the_shapes_and_never_trains_a_heldout_combination():
-    from shapes.train import shape_twin
+    from shapes.data import shape_twin
 
     rng = np.random.default_rng(0)
     for seed in range(150):
@@ -182,7 +182,8 @@ def test_checker_rejects_wrong_colour_wrong_place_and_blank():
 
 
 def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
-    from shapes.train import Config, grounding_loss
+    from shapes.config import Config
+    from shapes.losses import grounding_loss
 
     cfg = Config()
     masks = torch.zeros(1, 3, 4, 4)
@@ -214,7 +215,8 @@ def test_grounding_loss_is_lowest_when_each_word_attends_to_its_own_object():
 
 
 def test_grounding_at_high_noise_can_be_limited_to_position_words():
-    from shapes.train import Config, grounding_loss
+    from shapes.config import Config
+    from shapes.losses import grounding_loss
 
     cfg = Config()
     masks = torch.zeros(1, 3, 4, 4)
