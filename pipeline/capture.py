@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.trace import StepRecord
-from schema.maps import level_order
+from schema.maps import halve, level_order
 
 SELF_GRID_MAX_AREA = 1536  # 32x32 for square 512 px SD 1.5, 32x48 for 512x768.
 STEP_GRID_MAX_AREA = 384  # 16x16 per step for square SD 1.5, 16x24 for 512x768.
@@ -29,14 +29,6 @@ DAAM_CHUNK_BYTES = 32 * 2**20  # (layer, head) maps upsampled together for the D
 
 Grid = tuple[int, int]
 Level = tuple  # (h, w) for down/up-block layers, (h, w, 'mid') for the mid block (schema.maps.level_label)
-
-
-def halve(grid: Grid, times: int) -> Grid:
-    """The grid after `times` stride-2 downsamplings (ceil, as UNet convs with padding 1 do)."""
-    h, w = grid
-    for _ in range(times):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 def grid_of(queries: int, latent: Grid) -> Grid:

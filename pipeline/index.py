@@ -27,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cross_rows import UpgradeRefused, needs_upgrade, upgrade_run
 from schema import INDEX_TABLES, RUN_FILES, SCHEMA_VERSION, check_version, file_metadata
 from schema.layout import (
     MANIFEST,
@@ -308,7 +309,10 @@ def list_run_dirs(root: Path) -> list[str]:
 
 
 def _commit(root: Path, m: Manifest) -> None:
-    write_atomic(index_dir(root) / MANIFEST, m.to_json().encode())
+    path = index_dir(root) / MANIFEST
+    if path.is_dir() and not path.is_symlink():  # damage a rename can't replace
+        shutil.rmtree(path)
+    write_atomic(path, m.to_json().encode())
 
 
 def update_index(root: Path) -> list[str]:
@@ -346,6 +350,8 @@ class RebuildReport:
     removed_tmp: int
     removed_index_files: int
     seconds: float
+    upgraded: list[str] = field(default_factory=list)  # runs rewritten so level 'all' is DAAM's formula
+    not_upgraded: dict[str, str] = field(default_factory=dict)  # runs left before schema 1.2, with why
 
 
 def _rebuild_locked(root: Path) -> tuple[Manifest, int]:
@@ -371,6 +377,29 @@ def rebuild_index(root: Path) -> RebuildReport:
     """Recreate the index from the run folders alone (never needs the old manifest); clean leftovers."""
     t0 = time.perf_counter()
     with writer_lock(root):
+        upgraded, refused = upgrade_runs(root)
         m, swept = _rebuild_locked(root)
         removed = clean_tmp(root)
-    return RebuildReport(len(m.run_ids), dict(m.bad_runs), removed, swept, time.perf_counter() - t0)
+    return RebuildReport(
+        len(m.run_ids), dict(m.bad_runs), removed, swept, time.perf_counter() - t0, upgraded, refused
+    )
+
+
+def upgrade_runs(root: Path) -> tuple[list[str], dict[str, str]]:
+    """Rewrite runs written before schema 1.2 from their stored level maps so level 'all' is DAAM's formula.
+
+    Returns the runs upgraded and, by id, those that can't be (they keep the old maps and statistics).
+    Unreadable runs are left to the index, which reports them as bad runs.
+    """
+    upgraded, refused = [], {}
+    for run_id in list_run_dirs(root):
+        try:
+            if not needs_upgrade(root, run_id):
+                continue
+            upgrade_run(root, run_id, write_parquet_atomic)
+            upgraded.append(run_id)
+        except UpgradeRefused as exc:
+            refused[run_id] = f"not upgraded to DAAM word maps (written before trace schema 1.2): {exc}"
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue
+    return upgraded, refused

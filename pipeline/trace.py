@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from schema import SCHEMA_VERSION, TABLES
+from schema.maps import level_label
 
 Grid = tuple[int, int]
 
@@ -38,10 +39,12 @@ class StepRecord:
 
     step_index: int
     timestep: float
-    cross: dict[Grid, np.ndarray]  # level -> (tokens, h, w) float32, layers averaged
-    cross_layers: dict[Grid, int]
+    cross: dict[tuple, np.ndarray]  # level key (h, w) or (h, w, 'mid') -> (tokens, h, w), (layer, head) mean
+    cross_layers: dict[tuple, int]
     self_step: np.ndarray | None  # (q, k) on the step grid, layers averaged
     self_layers: int
+    cross_heads: dict[tuple, int] | None = None  # heads per layer of each level; None: unknown (synthetic)
+    daam: np.ndarray | None = None  # (tokens, H, W) float32 DAAM map on the latent grid (schema.maps)
 
 
 @dataclass
@@ -59,12 +62,13 @@ class Trace:
 
 
 def run_row(
-    *, size: Grid, latent: Grid, self_grid: Grid, step_grid: Grid, levels: Sequence[Grid], **columns: object
+    *, size: Grid, latent: Grid, self_grid: Grid, step_grid: Grid, levels: Sequence[tuple], **columns: object
 ) -> dict:
     """One `runs` row for a complete run, in the table's column order: the one place a run row is built.
 
-    Grids are (height, width) and are split into the table's `*_height`/`*_width` columns; `status` and
-    `schema_version` are filled in; every other column of `schema.TABLES["runs"]` must be given by name.
+    Grids are (height, width) and are split into the table's `*_height`/`*_width` columns; level keys become
+    their labels (`schema.maps.level_label`); `status` and `schema_version` are filled in; every other column
+    of `schema.TABLES["runs"]` must be given by name.
     """
     row = {
         **columns,
@@ -78,7 +82,7 @@ def run_row(
         "self_grid_width": self_grid[1],
         "step_grid_height": step_grid[0],
         "step_grid_width": step_grid[1],
-        "levels": [f"{h}x{w}" for h, w in levels],
+        "levels": [level_label(key) for key in levels],
     }
     names = TABLES["runs"].names
     missing, extra = set(names) - row.keys(), row.keys() - set(names)

@@ -1,14 +1,14 @@
 """Write a trace as one folder of Parquet files, atomically, then add it to the store's index.
 
-The folder is written under `<store>/tmp/<run_id>.<pid>` and renamed to `<store>/runs/<run_id>`
-when every file is complete and synced: readers never see half a run, and a crash leaves only an
-invisible temporary folder (removed by `stepx index rebuild`). Torch-free: it takes numpy arrays.
+The folder is written under `<store>/tmp/<run_id>.<pid>.<hex>` (locked by its writer) and renamed to
+`<store>/runs/<run_id>` when every file is complete and synced; readers see it once the index lists
+it. A crash leaves an invisible temporary folder (removed by the next writer or `stepx index rebuild`)
+or an unlisted complete folder (listed by the next index update). Torch-free: it takes numpy arrays.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.index import update_index
-from pipeline.trace import TokenInfo, Trace, encode_image
+from pipeline.cross_rows import add_cross_rows, add_word_stats, rebuild_daam, step_levels, word_groups
+from pipeline.index import update_index, work_folder, write_step
+from pipeline.trace import Trace, encode_image
 from schema import RUN_FILES, TABLES, file_metadata
-from schema.layout import run_dir, runs_dir, tmp_dir
-from schema.maps import aggregate_levels
-from schema.stats import STAT_NAMES, map_stats
-
-GLOBAL_WORD_INDEX = -1
-GLOBAL_WORD = "<global>"
+from schema.codec import encode_rows
+from schema.layout import run_dir, runs_dir
 
 
 @dataclass
@@ -36,45 +33,15 @@ class WrittenRun:
     bytes: int
 
 
-def quantize_rows(matrix: np.ndarray) -> tuple[np.ndarray, bytes]:
-    """(row maxima, uint8 bytes) of a non-negative (q, k) matrix: value = byte/255 * row max."""
-    m = np.maximum(matrix.astype(np.float32), 0)
-    scale = m.max(axis=1)
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.rint(m / safe[:, None] * 255).astype(np.uint8)
-    return scale.astype(np.float32), q.tobytes()
-
-
-def dequantize_rows(scale: np.ndarray, data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of quantize_rows, float32 (q, k)."""
-    q = np.frombuffer(data, dtype=np.uint8).reshape(shape).astype(np.float32)
-    return q * (np.asarray(scale, dtype=np.float32)[:, None] / 255.0)
-
-
 def _table(name: str, columns: dict[str, object]) -> pa.Table:
     schema = TABLES[name]
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
-
-
-def _word_groups(tokens: list[TokenInfo]) -> dict[int, tuple[str, list[int]]]:
-    """word_index -> (word, positions in the stored-token axis); Global collects all word tokens."""
-    stored = [t for t in tokens if t.has_map]
-    groups: dict[int, tuple[str, list[int]]] = {}
-    for pos, t in enumerate(stored):
-        if t.kind == "word":
-            word, idx = groups.get(t.word_index, (t.word, []))
-            groups[t.word_index] = (word, idx + [pos])
-    all_words = [pos for pos, t in enumerate(stored) if t.kind == "word"]
-    if all_words:
-        groups[GLOBAL_WORD_INDEX] = (GLOBAL_WORD, all_words)
-    return groups
 
 
 def build_tables(trace: Trace) -> dict[str, pa.Table]:
     """Arrow tables of a trace (its `run` dict, tokens, step records, self-attention, images)."""
     run = trace.run
     run_id = run["run_id"]
-    stored = [t for t in trace.tokens if t.has_map]
     latent = (run["latent_height"], run["latent_width"])
 
     tokens = {
@@ -92,42 +59,18 @@ def build_tables(trace: Trace) -> dict[str, pa.Table]:
 
     cross: dict[str, list] = {f.name: [] for f in TABLES["cross_attention"]}
     words: dict[str, list] = {f.name: [] for f in TABLES["word_step_stats"]}
-    groups = _word_groups(trace.tokens)
+    groups = word_groups(tokens_rows := [vars(t) for t in trace.tokens])
+    token_indices = [t["token_index"] for t in tokens_rows if t["has_map"]]
     for rec in trace.steps:
-        for grid in sorted(rec.cross, key=lambda g: -g[0] * g[1]):
-            maps = rec.cross[grid]  # (tokens, h, w)
-            stats = map_stats(maps)
-            level = f"{grid[0]}x{grid[1]}"
-            n = len(stored)
-            cross["run_id"] += [run_id] * n
-            cross["step_index"] += [rec.step_index] * n
-            cross["timestep"] += [rec.timestep] * n
-            cross["token_index"] += [t.token_index for t in stored]
-            cross["level"] += [level] * n
-            cross["level_height"] += [grid[0]] * n
-            cross["level_width"] += [grid[1]] * n
-            cross["layer_count"] += [rec.cross_layers[grid]] * n
-            cross["map"] += list(maps.reshape(n, -1).astype(np.float16))
-            for s in STAT_NAMES:
-                cross[s] += stats[s].tolist()
-        level_maps = {f"{g[0]}x{g[1]}": m for g, m in rec.cross.items()}
-        level_maps["all"] = aggregate_levels(list(rec.cross.values()), *latent)
-        for level, maps in level_maps.items():
-            keys = list(groups)
-            word_maps = np.stack([maps[groups[k][1]].mean(axis=0) for k in keys])  # (words, h, w)
-            stats = map_stats(word_maps)
-            words["run_id"] += [run_id] * len(keys)
-            words["step_index"] += [rec.step_index] * len(keys)
-            words["word_index"] += keys
-            words["word"] += [groups[k][0] for k in keys]
-            words["level"] += [level] * len(keys)
-            for s in STAT_NAMES:
-                words[s] += stats[s].tolist()
+        levels = step_levels(rec.cross, rec.cross_layers, rec.cross_heads)
+        daam = rec.daam if rec.daam is not None else rebuild_daam(levels, latent)  # synthetic traces
+        add_cross_rows(cross, run_id, rec.step_index, rec.timestep, token_indices, levels, daam)
+        add_word_stats(words, run_id, rec.step_index, groups, levels, daam)
 
     selfs: dict[str, list] = {f.name: [] for f in TABLES["self_attention"]}
 
     def add_self(kind: str, step: int, grid: tuple[int, int], layers: int, matrix: np.ndarray) -> None:
-        scale, data = quantize_rows(matrix)
+        scale, data = encode_rows(matrix)
         for name, value in zip(
             ("run_id", "kind", "step_index", "grid_height", "grid_width", "layer_count", "row_scale", "values"),
             (run_id, kind, step, grid[0], grid[1], layers, scale, data),
@@ -175,16 +118,22 @@ def _row_group_size(name: str, table: pa.Table, steps: int) -> int:
     return max(1, table.num_rows)
 
 
-def write_tables(root: Path, run_id: str, tables: dict[str, pa.Table], steps: int, index: bool = True) -> WrittenRun:
-    """Write a run folder atomically and (unless index=False, for bulk loads) index it."""
+def write_tables(
+    root: Path, run_id: str, tables: dict[str, pa.Table], steps: int, index: bool = True, exist_ok: bool = False
+) -> WrittenRun:
+    """Write a run folder atomically and (unless index=False, for bulk loads) index it.
+
+    The folder is written in tmp/, renamed into runs/ when complete, then listed by the index: readers
+    see the run only from that last step on. With exist_ok a run already on disk under this id (a job
+    retried after its writer died past the rename) is indexed and returned instead of written twice.
+    """
     final = run_dir(root, run_id)
-    if final.exists():
-        raise FileExistsError(f"run {run_id} already exists in {root}")
+    if final.is_dir():
+        if not exist_ok:
+            raise FileExistsError(f"run {run_id} already exists in {root}")
+        return _existing(root, final, index)
     runs_dir(root).mkdir(parents=True, exist_ok=True)
-    tmp_dir(root).mkdir(parents=True, exist_ok=True)
-    work = tmp_dir(root) / f"{run_id}.{os.getpid()}"
-    work.mkdir()
-    try:
+    with work_folder(root, run_id) as work:
         total = 0
         for name, table in tables.items():
             path = work / RUN_FILES[name]
@@ -193,21 +142,31 @@ def write_tables(root: Path, run_id: str, tables: dict[str, pa.Table], steps: in
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
             total += path.stat().st_size
+            write_step(f"wrote {path.name}")
         dir_fd = os.open(work, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        os.rename(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        try:
+            os.rename(work, final)
+        except OSError:
+            if not (exist_ok and final.is_dir()):
+                raise
+            return _existing(root, final, index)  # another writer of the same id got there first
+        write_step("renamed into runs/")
     if index:
         update_index(root)
     return WrittenRun(run_id, final, total)
 
 
-def write_trace(root: Path, trace: Trace, index: bool = True) -> WrittenRun:
+def _existing(root: Path, final: Path, index: bool) -> WrittenRun:
+    if index:
+        update_index(root)
+    return WrittenRun(final.name, final, sum(p.stat().st_size for p in final.iterdir() if p.is_file()))
+
+
+def write_trace(root: Path, trace: Trace, index: bool = True, exist_ok: bool = False) -> WrittenRun:
     """Write a `pipeline.generate.Trace` into a store."""
     tables = build_tables(trace)
-    return write_tables(root, trace.run["run_id"], tables, len(trace.steps), index)
+    return write_tables(root, trace.run["run_id"], tables, len(trace.steps), index, exist_ok)

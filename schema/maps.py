@@ -27,6 +27,14 @@ MID_PREFIX = "mid-"  # level label of the UNet mid block's layers: 'mid-4x4'
 LevelKey = tuple
 
 
+def halve(grid: tuple[int, int], times: int) -> tuple[int, int]:
+    """The grid after `times` stride-2 downsamplings (ceil, as UNet convs with padding 1 do)."""
+    h, w = grid
+    for _ in range(times):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
 def level_label(key: LevelKey) -> str:
     """'HxW' for a down/up-block level, 'mid-HxW' for the mid block's layers."""
     base = f"{key[0]}x{key[1]}"

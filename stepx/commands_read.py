@@ -41,7 +41,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     from pipeline.index import rebuild_index
 
     report = rebuild_index(store_root(args.store))
-    print(f"indexed {report.runs} runs in {report.seconds:.2f} s; removed {report.removed_tmp} stale partial runs")
+    print(
+        f"indexed {report.runs} runs in {report.seconds:.2f} s; removed {report.removed_tmp} partial runs of "
+        f"stopped writers and {report.removed_index_files} unlisted index files"
+    )
+    if report.upgraded:
+        print(f"upgraded {len(report.upgraded)} runs to DAAM word maps, recomputed from their stored level maps")
+    for run_id, why in report.not_upgraded.items():
+        print(f"run {run_id}: {why}", file=sys.stderr)
     for run_id, why in report.bad_runs.items():
         print(f"bad run {run_id}: {why}", file=sys.stderr)
     return 0

@@ -1,15 +1,17 @@
 """Read API over a StepX store: runs, tokens, word maps, self-attention, images and SQL.
 
 Torch-free and lock-free: listing and SQL go through an in-memory DuckDB whose views read the
-index segments named by `index/manifest.json` (re-read whenever it is replaced); maps and images
-come straight from each run's Parquet files by row group. The DuckDB connection can reach only the
-store's folders and its configuration is locked (see `open_sandboxed`).
+index segments named by `index/manifest.json` (re-read whenever it is replaced) and, for the raw
+tables, the files of exactly the runs that manifest lists, so every view shows the same runs; maps
+and images come straight from each run's Parquet files by row group, after the run id is found in
+the index. A damaged index raises IndexDamaged, whose one line says to run `stepx index rebuild`.
+The DuckDB connection can reach only the store's folders and its configuration is locked (see `open_sandboxed`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shlex
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,14 +24,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schema import RUN_FILES, TABLES, SchemaVersionError, check_version
-from schema.layout import MANIFEST, index_dir, run_dir, runs_dir, store_root
-from schema.maps import aggregate_levels
+from schema.codec import decode_rows
+from schema.layout import (
+    MANIFEST,
+    ManifestError,
+    index_dir,
+    parse_manifest,
+    run_dir,
+    runs_dir,
+    segment_problem,
+    store_root,
+    valid_run_id,
+)
+from schema.maps import (
+    ALL,
+    DEFAULT_AGGREGATION,
+    check_aggregation,
+    combine_levels,
+    level_weights,
+)
 from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
-from store.errors import Results, RunDataMissing, RunNotFound, StoreError, WordNotFound
+from store.errors import IndexDamaged, Results, RunDataMissing, RunNotFound, StoreError, WordNotFound
 from store.sql import Limits, Source, run_query
 
 GLOBAL = "Global"
 ALL_LEVELS = None
+RAW_TABLES = ("cross_attention", "self_attention", "images")
 
 
 @dataclass
@@ -85,6 +105,9 @@ class _Catalog:
             token_rows = {ids[a]: (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
         return cls(key, runs, run_rows, tokens, token_rows)
 
+    def has(self, run_id: str) -> bool:
+        return run_id in self.run_rows
+
     def run(self, run_id: str) -> dict | None:
         i = self.run_rows.get(run_id)
         return None if i is None else self.runs_table.slice(i, 1).to_pylist()[0]
@@ -106,6 +129,8 @@ class Store:
         self._files: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._cat: _Catalog | None = None
         self._unreadable: dict[str, str] = {}
+        self._views: dict[str, str] = {}
+        self._file_ok: dict[str, tuple[int, int, int]] = {}  # raw run files found readable, by path
         self._cache_runs = cache_runs
 
     # -- index and views ------------------------------------------------------------------
@@ -116,6 +141,27 @@ class Store:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _damaged(self, why: str) -> IndexDamaged:
+        return IndexDamaged(
+            f"the store's index is damaged ({why}): run `stepx index rebuild --store {shlex.quote(str(self.root))}`"
+        )
+
+    def _load_manifest(self) -> dict:
+        """The current manifest, checked field by field and segment by segment ({} for a new store)."""
+        try:
+            manifest = parse_manifest((index_dir(self.root) / MANIFEST).read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (ManifestError, OSError) as exc:
+            raise self._damaged(str(exc)) from None
+        check_version({b"stepx.schema_version": manifest["schema_version"].encode()}, where=f"the store {self.root}")
+        for table, segs in manifest["segments"].items():
+            for seg in segs:
+                problem = segment_problem(index_dir(self.root) / seg["file"], table, seg["rows"])
+                if problem:
+                    raise self._damaged(problem)
+        return manifest
+
     def _refresh(self) -> None:
         key = self._manifest_stat()
         if self._con is not None and key == self._manifest_key:
@@ -124,46 +170,53 @@ class Store:
             key = self._manifest_stat()
             if self._con is not None and key == self._manifest_key:
                 return
-            manifest = {}
-            if key is not None:
-                manifest = json.loads((index_dir(self.root) / MANIFEST).read_text())
-                check_version(
-                    {b"stepx.schema_version": manifest.get("schema_version", "0").encode()},
-                    where=f"the store {self.root}",
-                )
+            manifest = self._load_manifest() if key is not None else {}
+            views = self._view_sources(manifest)
             con = self._con or open_sandboxed(self.root)
-            segments = manifest.get("segments", {})
-            for table in ("runs", "tokens", "word_step_stats"):
-                files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
-                source = parquet_source(files) if files else empty_source(TABLES[table])
-                con.execute(view_sql(table, source))
-            has_runs = bool(manifest.get("run_ids"))
-            self._unreadable = {}
-            for table in ("cross_attention", "self_attention", "images"):
-                self._raw_view(con, table, has_runs)
-            con.execute(view_sql("word_stats", WORD_STATS_SQL))
-            self._con, self._manifest, self._manifest_key = con, manifest, key
+            for name, source in views.items():
+                con.execute(view_sql(name, source))
+            self._con, self._manifest, self._manifest_key, self._views = con, manifest, key, views
 
-    def _raw_view(self, con: duckdb.DuckDBPyConnection, table: str, has_runs: bool) -> None:
-        """A view over every run's file of a table; unreadable files are left out and remembered."""
-        if not has_runs:
-            con.execute(view_sql(table, empty_source(TABLES[table])))
-            return
-        glob = str(runs_dir(self.root) / "*" / RUN_FILES[table])
+    def _view_sources(self, manifest: dict) -> dict[str, str]:
+        """The SELECT behind each user view for this manifest: index segments, and raw files of its runs only."""
+        segments = manifest.get("segments", {})
+        views = {}
+        for table in ("runs", "tokens", "word_step_stats"):
+            files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
+            views[table] = parquet_source(files) if files else empty_source(TABLES[table])
+        present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
+        run_ids = [r for r in manifest.get("run_ids", []) if r in present and valid_run_id(r)]
+        self._unreadable = {}
+        for table in RAW_TABLES:
+            files = [f for f in (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids) if self._readable(f)]
+            views[table] = (
+                parquet_source([str(f) for f in files], by_name=False) if files else empty_source(TABLES[table])
+            )
+        views["word_stats"] = WORD_STATS_SQL
+        return views
+
+    def _readable(self, path: Path) -> bool:
+        """Whether a run file exists and ends like Parquet (remembered by inode, size and mtime: runs are immutable)."""
         try:
-            con.execute(view_sql(table, parquet_source(glob, by_name=False)))
-            return
-        except duckdb.Error:
-            pass  # some file is damaged: list the readable ones
-        readable = []
-        for path in sorted(runs_dir(self.root).glob(f"*/{RUN_FILES[table]}")):
-            try:
-                pq.ParquetFile(path)
-                readable.append(str(path))
-            except (OSError, pa.ArrowException) as exc:
-                self._unreadable[str(path.relative_to(self.root))] = str(exc)
-        source = parquet_source(readable, by_name=False) if readable else empty_source(TABLES[table])
-        con.execute(view_sql(table, source))
+            st = path.stat()
+        except OSError:
+            self._unreadable[str(path.relative_to(self.root))] = "missing"
+            return False
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._file_ok.get(str(path)) == ident:
+            return True
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+                fh.seek(-4, os.SEEK_END)
+                ok = head == b"PAR1" and fh.read(4) == b"PAR1"
+        except OSError:
+            ok = False
+        if ok:
+            self._file_ok[str(path)] = ident
+        else:
+            self._unreadable[str(path.relative_to(self.root))] = "not a complete Parquet file"
+        return ok
 
     def unreadable_files(self) -> dict[str, str]:
         """Run files left out of the raw SQL views because they could not be read."""
@@ -171,7 +224,10 @@ class Store:
         return dict(self._unreadable)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB cursor over the current views (one per call; cursors aren't thread-safe)."""
+        """A cursor over the current views for the project's own fixed SQL with bound parameters (one per call).
+
+        Never pass a user's text here: it shares one connection with every caller; `sql` is the user's door.
+        """
         self._refresh()
         return self._con.cursor()
 
@@ -223,18 +279,29 @@ class Store:
             tables = {}
             for name in ("runs", "tokens"):
                 files = [index_dir(self.root) / seg["file"] for seg in segs.get(name, [])]
-                parts = [pq.read_table(f) for f in files]
+                try:
+                    parts = [pq.read_table(f) for f in files]
+                except (OSError, pa.ArrowException) as exc:
+                    raise self._damaged(f"a {name} segment is unreadable: {str(exc)[:80]}") from None
                 tables[name] = pa.concat_tables(parts, promote_options="default") if parts else None
             cat = _Catalog.build(self._manifest_key, tables["runs"], tables["tokens"])
             self._cat = cat
         return cat
 
     def run(self, run_id: str) -> dict:
-        """All metadata of one run; RunNotFound when absent."""
-        row = self._catalog().run(run_id)
-        if row is None:
-            raise RunNotFound(f"no run {run_id!r} in the store {self.root}")
+        """All metadata of one run; RunNotFound when absent or not a run id at all."""
+        row = self._catalog().run(self._indexed(run_id))
+        assert row is not None
         return row
+
+    def _indexed(self, run_id: str) -> str:
+        """The run id when the index lists it, else RunNotFound: checked before any path is built from it."""
+        if not valid_run_id(run_id):
+            shown = repr(run_id) if len(repr(run_id)) <= 80 else repr(run_id)[:77] + "..."
+            raise RunNotFound(f"{shown} is not a run id (see `stepx runs`)")
+        if not self._catalog().has(run_id):
+            raise RunNotFound(f"no run {run_id!r} in the store {self.root}")
+        return run_id
 
     def tokens(self, run_id: str) -> list[dict]:
         """The run's tokens in order (start, word pieces, end)."""
@@ -272,7 +339,7 @@ class Store:
     # -- per-run files ------------------------------------------------------------------
     def _file(self, run_id: str, table: str) -> tuple[pq.ParquetFile, list[tuple[int, int]]]:
         """(ParquetFile, per-row-group (min, max) step_index) of a run's table, cached by run."""
-        cache_key = (run_id, table)
+        cache_key = (self._indexed(run_id), table)
         hit = self._files.get(cache_key)
         if hit is not None:
             self._files.move_to_end(cache_key)
@@ -284,7 +351,6 @@ class Store:
         except SchemaVersionError:
             raise
         except FileNotFoundError as exc:
-            self.run(run_id)
             raise RunDataMissing(f"run {run_id}: its {path.name} is missing from the store") from exc
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: {path.name} is unreadable ({exc})") from exc
@@ -316,6 +382,10 @@ class Store:
         """Step indices stored for the run."""
         return list(range(int(self.run(run_id)["steps"])))
 
+    def _cross_columns(self, run_id: str) -> set[str]:
+        """Columns this run's cross_attention file has (runs written before schema 1.2 lack the DAAM ones)."""
+        return set(self._file(run_id, "cross_attention")[0].schema_arrow.names)
+
     def cross_maps(
         self,
         run_id: str,
@@ -323,39 +393,89 @@ class Store:
         step: int | None = None,
         levels: list[str] | None = ALL_LEVELS,
     ) -> dict[str, np.ndarray]:
-        """level -> (steps, tokens, h, w) float32 maps for the given tokens; all steps when step=None."""
+        """level -> (steps, tokens, h, w) float32 maps for the given tokens; all steps when step=None.
+
+        levels=None gives every stored level ('HxW', 'mid-HxW'); ask for 'all' to get the stored DAAM map.
+        """
         tokens = list(token_indices)
         pos = {t: i for i, t in enumerate(tokens)}
-        table = self._read_rows(
-            run_id,
-            "cross_attention",
-            step,
-            ["step_index", "token_index", "level", "level_height", "level_width", "map"],
-        )
+        wanted = [lv for lv in levels or [] if lv != ALL]
+        has_daam = "daam_map" in self._cross_columns(run_id)
+        if levels is not None and ALL in levels and not has_daam:
+            raise StoreError(self._before_daam(run_id))
+        columns = ["step_index", "token_index", "level", "level_height", "level_width", "map"]
+        table = self._read_rows(run_id, "cross_attention", step, columns + (["daam_map"] if has_daam else []))
         keep = pc.is_in(table.column("token_index"), pa.array(tokens, pa.int32()))
-        if levels is not None:
+        if levels is None:
+            keep = pc.and_(keep, pc.not_equal(table.column("level"), ALL))
+        else:
             keep = pc.and_(keep, pc.is_in(table.column("level"), pa.array(list(levels), pa.string())))
         table = table.filter(keep)
         if table.num_rows == 0:
             if step is not None and step not in self.steps(run_id):
                 raise StoreError(f"run {run_id} has steps 0-{len(self.steps(run_id)) - 1}; no step {step}")
-            raise StoreError(f"run {run_id} has no maps for levels {levels}")
+            listing = ", ".join(self.run(run_id)["levels"])
+            raise StoreError(f"run {run_id} has no maps for levels {', '.join(wanted) or ALL}; its levels: {listing}")
         step_col = table.column("step_index").to_numpy()
         tok_col = table.column("token_index").to_numpy()
         lvl_col = np.asarray(table.column("level").to_pylist())
         step_ids = sorted(set(step_col.tolist()))
         step_pos = {s: i for i, s in enumerate(step_ids)}
         out: dict[str, np.ndarray] = {}
-        maps_col = table.column("map").combine_chunks()
         for level in dict.fromkeys(lvl_col.tolist()):
             idx = np.flatnonzero(lvl_col == level)
             h = int(table.column("level_height")[int(idx[0])].as_py())
             w = int(table.column("level_width")[int(idx[0])].as_py())
-            flat = maps_col.take(pa.array(idx)).flatten().to_numpy(zero_copy_only=False)
+            maps_col = table.column("daam_map" if level == ALL else "map").take(pa.array(idx)).combine_chunks()
+            flat = maps_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
             arr = np.zeros((len(step_ids), len(tokens), h, w), dtype=np.float32)
             arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(len(idx), h, w)
             out[level] = arr
+        missing = [lv for lv in wanted if lv not in out]
+        if missing:
+            listing = ", ".join(self.run(run_id)["levels"])
+            raise StoreError(f"run {run_id} has no level {', '.join(missing)}; its levels: {listing}")
         return out
+
+    def _before_daam(self, run_id: str) -> str:
+        return (
+            f"run {run_id} was written before trace schema 1.2 and holds no DAAM map or head counts: "
+            f"`stepx index rebuild --store {shlex.quote(str(self.root))}` upgrades it where its model is "
+            "available (else regenerate it); aggregation='equal_levels' reads it as stored"
+        )
+
+    def level_counts(self, run_id: str) -> dict[str, int]:
+        """layers x heads of each stored level ('HxW', 'mid-HxW'): how much it weighs in a word map."""
+        if "head_count" not in self._cross_columns(run_id):
+            raise StoreError(self._before_daam(run_id))
+        table = self._read_rows(run_id, "cross_attention", 0, ["step_index", "level", "layer_count", "head_count"])
+        counts: dict[str, int] = {}
+        for level, layers, heads in zip(
+            *(table.column(c).to_pylist() for c in ("level", "layer_count", "head_count")), strict=True
+        ):
+            if level != ALL:
+                counts[level] = int(layers) * int(heads)
+        return counts
+
+    def _combined(
+        self, run_id: str, tokens: list[int], step: int | None, levels: list[str] | None, aggregation: str | None
+    ) -> np.ndarray:
+        """(steps, tokens, H, W) maps on the latent grid under a named aggregation (schema.maps.AGGREGATIONS)."""
+        name = aggregation or ("levels" if levels else DEFAULT_AGGREGATION)
+        try:
+            check_aggregation(name, levels)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        if name == DEFAULT_AGGREGATION:
+            return self.cross_maps(run_id, tokens, step, [ALL])[ALL]
+        run = self.run(run_id)
+        maps = self.cross_maps(run_id, tokens, step, levels)
+        counts = dict.fromkeys(maps, 1) if name == "equal_levels" else self.level_counts(run_id)
+        try:
+            weights = level_weights(name, counts, levels)
+        except ValueError as exc:
+            raise StoreError(f"run {run_id}: {exc}") from None
+        return combine_levels(maps, weights, run["latent_height"], run["latent_width"])
 
     def word_map(
         self,
@@ -363,28 +483,32 @@ class Store:
         word: str | int,
         step: int | None = None,
         levels: list[str] | None = ALL_LEVELS,
+        aggregation: str | None = None,
     ) -> np.ndarray:
-        """DAAM map of a word (or Global) on the latent grid: token mean, level mean, step sum."""
-        run = self.run(run_id)
-        tokens = self.resolve_word(run_id, word)
-        maps = self.cross_maps(run_id, tokens, step, levels)
-        per_level = [m.mean(axis=1).sum(axis=0) for m in maps.values()]  # (h, w) each
-        return aggregate_levels(per_level, run["latent_height"], run["latent_width"])
+        """A word's (or Global's) map on the latent grid: its tokens' maps averaged, the steps summed.
 
-    def token_maps(self, run_id: str, levels: list[str] | None = ALL_LEVELS) -> tuple[list[int], np.ndarray]:
-        """(stored token indices, (steps, tokens, H, W) DAAM maps on the latent grid) for every step."""
-        run = self.run(run_id)
+        The default is DAAM's formula (schema.maps); `aggregation` names another of schema.maps.AGGREGATIONS
+        (not DAAM), and giving `levels` alone means aggregation 'levels'.
+        """
+        tokens = self.resolve_word(run_id, word)
+        return self._combined(run_id, tokens, step, levels, aggregation).mean(axis=1).sum(axis=0)
+
+    def token_maps(
+        self, run_id: str, levels: list[str] | None = ALL_LEVELS, aggregation: str | None = None
+    ) -> tuple[list[int], np.ndarray]:
+        """(stored token indices, (steps, tokens, H, W) maps on the latent grid), DAAM's unless asked otherwise."""
         tokens = [t["token_index"] for t in self.tokens(run_id) if t["has_map"]]
-        maps = self.cross_maps(run_id, tokens, None, levels)
-        return tokens, aggregate_levels(list(maps.values()), run["latent_height"], run["latent_width"])
+        return tokens, self._combined(run_id, tokens, None, levels, aggregation)
 
     def self_attention(self, run_id: str, step: int | None = None) -> SelfAttention:
-        """The step-aggregated self-attention (step=None) or one step's, dequantised."""
+        """The step-aggregated self-attention (step=None) or one step's, decoded (schema.codec)."""
         kind = "aggregate" if step is None else "step"
         table = self._read_rows(
-            run_id, "self_attention", -1 if step is None else step,
+            run_id,
+            "self_attention",
+            -1 if step is None else step,
             ["kind", "step_index", "grid_height", "grid_width", "row_scale", "values"],
-        )  # fmt: skip
+        )
         table = table.filter(pc.equal(table.column("kind"), kind))
         if table.num_rows == 0:
             raise StoreError(
@@ -394,17 +518,15 @@ class Store:
         grid = (row["grid_height"], row["grid_width"])
         n = grid[0] * grid[1]
         scale = table.column("row_scale")[0].values.to_numpy()
-        data = table.column("values")[0].as_buffer()
-        q = np.frombuffer(data, dtype=np.uint8).reshape(n, n).astype(np.float32)
-        return SelfAttention(grid, q * (scale[:, None] / 255.0), kind, row["step_index"])
+        matrix = decode_rows(scale, table.column("values")[0].as_buffer(), (n, n))
+        return SelfAttention(grid, matrix, kind, row["step_index"])
 
     def depth(self, run_id: str) -> tuple[np.ndarray, dict] | None:
         """The run's depth estimate ((height, width) float32, info) or None when none was computed."""
-        path = run_dir(self.root, run_id) / RUN_FILES["depth"]
+        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["depth"]
         try:
             pf = pq.ParquetFile(path)
         except FileNotFoundError:
-            self.run(run_id)
             return None
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: depth.parquet is unreadable ({exc})") from exc

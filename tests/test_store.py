@@ -24,7 +24,7 @@ from jobs.synth import synth_store
 from pipeline.index import rebuild_index, update_index
 from schema import SCHEMA_VERSION, SchemaVersionError
 from schema.maps import aggregate_levels
-from store import GLOBAL, RunDataMissing, RunNotFound, Store, WordNotFound
+from store import GLOBAL, IndexDamaged, RunDataMissing, RunNotFound, Store, WordNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_round_trip_metadata_tokens(traced_store):
     trace = traces[0]
     run = store.run(trace.run["run_id"])
     assert run["prompt"] == trace.run["prompt"] and run["seed"] == 1 and run["steps"] == 4
-    assert run["schema_version"] == SCHEMA_VERSION and run["levels"] == ["32x32", "16x16"]
+    assert run["schema_version"] == SCHEMA_VERSION and run["levels"] == ["32x32", "16x16", "mid-16x16"]
     assert json.loads(run["config_json"])["model"] == "tiny-random"
     words = store.words(trace.run["run_id"])
     assert [w.word for w in words] == ["a", "red", "circle", "on", "the", "left", "and", "a", "blue", "square"]
@@ -53,10 +53,10 @@ def test_round_trip_word_maps(traced_store):
     stored = [t for t in trace.tokens if t.has_map]
     circle = [i for i, t in enumerate(stored) if t.word == "circle"]
     rec = trace.steps[2]
-    expected = aggregate_levels([rec.cross[g][circle].mean(axis=0) for g in trace.levels], 32, 32)
+    expected = rec.daam[circle].mean(axis=0)  # DAAM's map, computed by the capture
     got = store.word_map(rid, "circle", step=2)
     assert got.shape == (32, 32)
-    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-5)  # float16 storage
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)  # stored as float32
     # all steps = sum of steps; Global = all word tokens; one level only
     total = sum(store.word_map(rid, "circle", step=s) for s in range(4))
     np.testing.assert_allclose(store.word_map(rid, "circle"), total, rtol=1e-4, atol=1e-6)
@@ -104,7 +104,7 @@ def test_sql_views_and_stats(traced_store):
     res = store.sql("SELECT word, round(avg(mass), 6) FROM word_stats GROUP BY word ORDER BY word LIMIT 3")
     assert res.columns == ["word", "round(avg(mass), 6)"] and len(res.rows) == 3
     res = store.sql("SELECT count(*) FROM cross_attention")
-    assert res.rows[0][0] == 4 * 2 * 11 + 4 * 2 * 6  # steps x levels x stored tokens
+    assert res.rows[0][0] == 4 * 4 * 11 + 4 * 4 * 6  # steps x (3 levels + DAAM 'all') x stored tokens
     res = store.sql("SELECT * FROM range(5000)", max_rows=100)
     assert res.truncated and len(res.rows) == 100
 
@@ -155,7 +155,7 @@ def test_crash_mid_write_leaves_no_visible_run(tmp_path, after_files, complete):
     assert store.sql("SELECT count(*) FROM cross_attention").rows[0][0] > 0
     report = rebuild_index(tmp_path)
     assert report.runs == 2 + int(complete) and not report.bad_runs
-    assert not any((tmp_path / "tmp").iterdir())
+    assert not any(p.is_dir() for p in (tmp_path / "tmp").iterdir())
 
 
 WRITER = textwrap.dedent(
@@ -225,3 +225,183 @@ def test_update_index_is_idempotent(tmp_path):
     synth_store(tmp_path, 3, steps=2)
     assert update_index(tmp_path) == []
     assert len(Store(tmp_path).runs()) == 3
+
+
+# -- a damaged index: one line that says to rebuild, and a rebuild that needs nothing but the run folders ----
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "index" / "manifest.json").read_text())
+
+
+def _segment(root: Path, table: str) -> Path:
+    return root / "index" / _manifest(root)["segments"][table][0]["file"]
+
+
+def _edit_manifest(root: Path, change) -> None:
+    m = _manifest(root)
+    change(m)
+    (root / "index" / "manifest.json").write_text(json.dumps(m))
+
+
+def _copy_segment(root: Path, src: str, dst: str) -> None:
+    shutil.copyfile(_segment(root, src), _segment(root, dst))
+
+
+DAMAGE = {
+    "garbage": lambda r: (r / "index" / "manifest.json").write_bytes(b"\x00\xff not json {"),
+    "empty": lambda r: (r / "index" / "manifest.json").write_bytes(b""),
+    "a list": lambda r: (r / "index" / "manifest.json").write_text("[1, 2]"),
+    "deep nesting": lambda r: (r / "index" / "manifest.json").write_text("[" * 100_000),
+    "no segments": lambda r: _edit_manifest(r, lambda m: m.pop("segments")),
+    "run_ids text": lambda r: _edit_manifest(r, lambda m: m.update(run_ids="abc")),
+    "generation text": lambda r: _edit_manifest(r, lambda m: m.update(generation="7")),
+    "rows text": lambda r: _edit_manifest(r, lambda m: m["segments"]["runs"][0].update(rows="many")),
+    "segment path": lambda r: _edit_manifest(r, lambda m: m["segments"]["runs"][0].update(file="../../etc/passwd")),
+    "run id path": lambda r: _edit_manifest(r, lambda m: m["run_ids"].append("../../x")),
+    "bad_runs list": lambda r: _edit_manifest(r, lambda m: m.update(bad_runs=[1])),
+    "truncated segment": lambda r: _segment(r, "runs").write_bytes(_segment(r, "runs").read_bytes()[:200]),
+    "deleted segment": lambda r: _segment(r, "tokens").unlink(),
+    "foreign segment": lambda r: _copy_segment(r, "tokens", "runs"),
+    "text segment": lambda r: _segment(r, "word_step_stats").write_text("hello"),
+    "manifest folder": lambda r: ((r / "index" / "manifest.json").unlink(), (r / "index" / "manifest.json").mkdir()),
+}
+
+
+def _cli(argv: list[str]) -> tuple[int, list[str]]:
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from stepx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, [ln for ln in err.getvalue().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_index_says_one_line_and_rebuild_recovers(tmp_path, damage):
+    root = tmp_path / "store"
+    synth_store(root, 3, steps=2)
+    runs = {r["run_id"] for r in Store(root).runs()}
+    DAMAGE[damage](root)
+    with pytest.raises(IndexDamaged, match="stepx index rebuild --store"):
+        Store(root).runs()
+    rid = sorted(runs)[0]
+    for argv in (["runs"], ["show", rid], ["sql", "SELECT count(*) FROM runs"]):
+        code, err = _cli([*argv, "--store", str(root)])
+        assert code == 2 and len(err) == 1, (argv, err)
+        assert "index is damaged" in err[0] and f"stepx index rebuild --store {root}" in err[0], err
+    code, err = _cli(["index", "rebuild", "--store", str(root)])
+    assert code == 0, err
+    store = Store(root)
+    assert {r["run_id"] for r in store.runs()} == runs
+    assert store.sql("SELECT count(DISTINCT run_id) FROM cross_attention").rows == [(3,)]
+    m = _manifest(root)
+    keep = {"manifest.json", ".lock"} | {s["file"] for segs in m["segments"].values() for s in segs}
+    keep |= {r["file"] for r in m["retired"]}
+    assert {p.name for p in (root / "index").iterdir()} <= keep  # unlisted and foreign files removed
+
+
+def test_writer_rebuilds_a_damaged_index(tmp_path):
+    synth_store(tmp_path, 2, steps=2)
+    (tmp_path / "index" / "manifest.json").write_text("{")
+    synth_store(tmp_path, 1, steps=2, seed=5)  # the next writer finds the damage and rebuilds from run folders
+    assert len(Store(tmp_path).runs()) == 3
+
+
+def test_dashboard_says_the_index_is_damaged(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    synth_store(tmp_path, 2, steps=2)
+    (tmp_path / "index" / "manifest.json").write_text('{"format": 1}')
+    monkeypatch.setenv("STEPX_STORE", str(tmp_path))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    shown = [e.value for e in at.error] + [e.body for e in at.warning] + [m.value for m in at.markdown]
+    assert any("index is damaged" in s and "stepx index rebuild" in s for s in shown), shown
+
+
+def test_leftovers_are_cleaned_by_the_next_writer_and_rebuild(tmp_path):
+    synth_store(tmp_path, 1, steps=2)
+    idx = tmp_path / "index"
+    orphans = [idx / "runs-000099-abcdef.parquet", idx / ".manifest.json.1.abcdef", idx / "junk"]
+    for p in orphans:
+        p.write_bytes(b"left by a writer that died")
+    holder = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from pipeline.index import work_folder
+        with work_folder(Path(sys.argv[1]), sys.argv[2]) as work:
+            (work / "runs.parquet").write_bytes(b"half")
+            print(work.name, flush=True)
+            time.sleep(600)
+        """
+    )
+    dead = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), "dead-run"], cwd=ROOT, stdout=subprocess.PIPE)
+    live = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path), "live-run"], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        dead_name, live_name = dead.stdout.readline().decode().strip(), live.stdout.readline().decode().strip()
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(30)
+        synth_store(tmp_path, 1, steps=2, seed=3)  # a writer: sweeps the dead writer's folder, keeps the live one's
+        left = {p.name for p in (tmp_path / "tmp").iterdir()}
+        assert dead_name not in left and live_name in left
+        assert not any(p.exists() for p in orphans)
+        assert rebuild_index(tmp_path).removed_tmp == 0  # the live writer still holds its folder
+        assert live_name in {p.name for p in (tmp_path / "tmp").iterdir()}
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait(30)
+    report = rebuild_index(tmp_path)
+    assert report.removed_tmp == 1 and not [p for p in (tmp_path / "tmp").iterdir() if p.name != ".lock"]
+    assert len(Store(tmp_path).runs()) == 2
+
+
+# -- run ids: checked before any path is built from them --------------------------------------------------
+
+BAD_IDS = ["../../x", "../runs", "/etc/passwd", "", "a\x00b", ".", "..", "a/b", "x" * 300, " x", "-rf", "run\n"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_run_ids_are_refused_before_any_path(tmp_path, bad):
+    from jobs.depth import depth_for_run
+    from pipeline.depth import write_depth
+    from schema.layout import InvalidRunId, run_dir, valid_run_id
+
+    root = tmp_path / "store"
+    synth_store(root, 1, steps=2)
+    (tmp_path / "x").mkdir()  # what '../../x' would reach
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert not valid_run_id(bad)
+    with pytest.raises(InvalidRunId):
+        run_dir(root, bad)
+    store = Store(root)
+    for call in (store.run, store.image, store.depth, store.self_attention, store.tokens, store.steps,
+                 lambda r: store.word_map(r, GLOBAL), lambda r: depth_for_run(root, r, None)):  # fmt: skip
+        with pytest.raises(RunNotFound, match="not a run id"):
+            call(bad)
+    with pytest.raises(ValueError, match="not a run id"):
+        write_depth(root, bad, np.zeros((4, 4), np.float32), "m", "metric")
+    if "\x00" not in bad:
+        for argv in (["show", bad], ["depth", bad]):
+            code, err = _cli([*argv, "--store", str(root)])
+            assert code == 2 and len(err) == 1 and "Traceback" not in err[0], (argv, err)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_unindexed_run_folder_is_not_reachable(tmp_path):
+    from pipeline.depth import write_depth
+
+    synth_store(tmp_path, 1, steps=2)
+    rid = Store(tmp_path).runs()[0]["run_id"]
+    shutil.copytree(tmp_path / "runs" / rid, tmp_path / "runs" / "20990101-000000-abcdef")
+    store = Store(tmp_path)
+    with pytest.raises(RunNotFound, match="no run"):
+        store.image("20990101-000000-abcdef")
+    with pytest.raises(FileNotFoundError):
+        write_depth(tmp_path, "20990101-000000-abcdef", np.zeros((4, 4), np.float32), "m", "metric")
+    assert not (tmp_path / "runs" / "20990101-000000-abcdef" / "depth.parquet").exists()
+    assert store.sql("SELECT count(DISTINCT run_id) FROM images").rows == [(1,)]
