@@ -4,6 +4,7 @@ deleted runs, newer schemas, and over 100 malformed inputs, each answered by a c
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import shutil
@@ -24,7 +25,7 @@ from jobs.synth import synth_store
 from pipeline.index import list_run_dirs, rebuild_index
 from schema import RUN_FILES
 from stepx.cli import main
-from store import GLOBAL, RunDataMissing, Store
+from store import GLOBAL, RunDataMissing, RunNotFound, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def test_writer_killed_at_random_points_never_shows_half_a_run(tmp_path):
     report = rebuild_index(tmp_path)
     assert report.runs == len(list_run_dirs(tmp_path)) and not report.bad_runs
     assert {r["run_id"] for r in Store(tmp_path).runs()} == set(list_run_dirs(tmp_path))
-    assert not (tmp_path / "tmp").exists() or not any((tmp_path / "tmp").iterdir())
+    assert not (tmp_path / "tmp").exists() or not any(p.is_dir() for p in (tmp_path / "tmp").iterdir())
 
 
 READER = textwrap.dedent(
@@ -215,3 +216,95 @@ def test_prompt_edge_cases_generate(tmp_path):
     assert len(runs) == 3
     long = next(r for r in runs if r["prompt"].startswith("word word"))
     assert Store(tmp_path).run(long["run_id"])["prompt_truncated"] is True
+
+
+STEP_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    import numpy as np
+    import pipeline.index as index
+    from jobs.synth import synth_trace
+    from pipeline.trace_writer import build_tables, write_tables
+    kill_at = int(sys.argv[2])
+    seen = []
+
+    def hook(name):
+        seen.append(name)
+        print(name, flush=True)
+        if len(seen) - 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    index.STEP_HOOK = hook
+    trace = synth_trace(np.random.default_rng(3), datetime(2026, 4, 1, tzinfo=UTC), steps=3)
+    write_tables(Path(sys.argv[1]), trace.run["run_id"], build_tables(trace), 3)
+    print("done", flush=True)
+    """
+)
+VIEWS = ("runs", "tokens", "word_step_stats", "word_stats", "cross_attention", "self_attention", "images")
+
+
+def visible(root: Path) -> dict[str, set[str]]:
+    """Run ids each SQL view shows (a fresh Store, as a new reader process would open it)."""
+    store = Store(root)
+    return {v: {r[0] for r in store.sql(f"SELECT DISTINCT run_id FROM {v}", max_rows=10_000).rows} for v in VIEWS}
+
+
+def index_leftovers(root: Path) -> set[str]:
+    """Files in index/ that the manifest neither lists nor keeps for readers."""
+    m = json.loads((root / "index" / "manifest.json").read_text())
+    keep = {"manifest.json", ".lock"} | {s["file"] for segs in m["segments"].values() for s in segs}
+    keep |= {r["file"] for r in m["retired"]}
+    return {p.name for p in (root / "index").iterdir()} - keep
+
+
+def tmp_leftovers(root: Path) -> list[str]:
+    return [p.name for p in (root / "tmp").iterdir() if p.name != ".lock"] if (root / "tmp").exists() else []
+
+
+def test_writer_killed_at_every_write_step_never_shows_a_run_outside_runs(tmp_path):
+    """SIGKILL a real writer process after each durable write step in turn (files, rename, index segments,
+    merges, manifest): after every kill each view shows exactly the runs `runs` lists, the store answers,
+    and the next writer (or a rebuild) recovers and leaves no temporary folders or unlisted segments."""
+    base = tmp_path / "base"
+    for i in range(7):  # 7 tier-0 segments: the next write merges them, so merge steps are killed too
+        synth_store(base, 1, steps=2, seed=100 + i)
+    before = {r["run_id"] for r in Store(base).runs()}
+    steps_seen: list[str] = []
+    kill_at = 0
+    while True:
+        root = tmp_path / f"k{kill_at}"
+        shutil.copytree(base, root)
+        proc = subprocess.run([sys.executable, "-c", STEP_WRITER, str(root), str(kill_at)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        lines = proc.stdout.splitlines()
+        if proc.returncode == 0:
+            assert lines[-1] == "done" and len(lines) - 1 == kill_at, proc.stdout
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        steps_seen.append(lines[-1])
+        views = visible(root)
+        listed = views["runs"]
+        assert listed in (before, before | set(list_run_dirs(root))), (kill_at, lines[-1])
+        for view, ids in views.items():
+            assert ids == listed, f"killed after {lines[-1]!r}: {view} shows {sorted(ids ^ listed)} beyond runs"
+        new = set(list_run_dirs(root)) - before
+        for run_id in new - listed:  # complete on disk but not yet indexed: unreachable by id too
+            with pytest.raises(RunNotFound):
+                Store(root).image(run_id)
+        # recovery: the next writer indexes a renamed run and removes the dead writer's leftovers
+        synth_store(root, 1, steps=2, seed=999)
+        after = visible(root)
+        assert after["runs"] == set(list_run_dirs(root)) and len(after["runs"]) == len(before | new) + 1
+        assert all(ids == after["runs"] for ids in after.values())
+        assert tmp_leftovers(root) == [] and index_leftovers(root) == set(), (lines[-1], tmp_leftovers(root))
+        assert rebuild_index(root).runs == len(list_run_dirs(root))
+        shutil.rmtree(root)
+        kill_at += 1
+    names = " ".join(steps_seen)
+    for step in ("created tmp folder", "wrote runs.parquet", "wrote images.parquet", "renamed into runs/",
+                 "renamed manifest.json", "wrote .manifest.json"):  # fmt: skip
+        assert step in names, step
+    assert sum(s.startswith("renamed runs-") for s in steps_seen) == 2  # the new segment and the merged one
+    assert kill_at >= 20

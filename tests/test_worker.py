@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -108,3 +109,197 @@ def test_two_sessions_submit_at_once_both_get_runs(tmp_path, monkeypatch):
     for at in sessions:
         at.run()
         assert not at.exception
+
+
+def runs_on_disk(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / "runs").iterdir()) if (store / "runs").exists() else []
+
+
+def test_queue_positions_elapsed_cancel_and_limits(tmp_path):
+    import sqlite3
+
+    ids = [queue.submit(tmp_path, request(f"job {i}", 3)) for i in range(3)]
+    assert [queue.get(tmp_path, i).position for i in ids] == [1, 2, 3]
+    assert queue.get(tmp_path, ids[0]).elapsed_s() is None and queue.get(tmp_path, ids[0]).waited_s() >= 0
+    assert queue.cancel(tmp_path, ids[0]) == "cancelled"
+    assert queue.cancel(tmp_path, ids[0]) == "cancelled"  # asking twice is harmless
+    assert [queue.position(tmp_path, i) for i in ids] == [None, 1, 2]
+    with pytest.raises(queue.JobError, match="no job 999"):
+        queue.cancel(tmp_path, 999)
+    job = queue.claim(tmp_path)
+    assert job.job_id == ids[1] and job.position is None and job.elapsed_s() >= 0
+    assert job.run_id == queue.get(tmp_path, ids[1]).run_id  # fixed when queued, the same for every attempt
+    assert queue.cancel(tmp_path, job.job_id) == "cancelling"
+    assert queue.progress(tmp_path, job, 1, 3) is False  # the worker learns at its next step
+    queue.finish(tmp_path, job, error="cancelled while running", cancelled=True)
+    assert queue.get(tmp_path, job.job_id).status == "cancelled"
+    assert queue.claim(tmp_path).job_id == ids[2]
+    queue.recover(tmp_path, force=True)  # as a restarted worker would: back in the queue, same run id
+    assert queue.get(tmp_path, ids[2]).status == "queued"
+    finished = queue.submit(tmp_path, request("done", 3))
+    with sqlite3.connect(queue.queue_path(tmp_path)) as con:
+        con.execute("UPDATE jobs SET status = 'done' WHERE job_id = ?", (finished,))
+    with pytest.raises(queue.JobError, match=r"already finished \(done\)"):
+        queue.cancel(tmp_path, finished)
+    for bad, message in [
+        ({**request("x", 3, "shapes"), "width": 1024}, "128"),
+        ({**request("x", 3), "steps": 5000}, "steps"),
+        ({**request("x", 3), "steps": "20"}, "steps must be a number"),
+        ({**request("", 3)}, "empty"),
+        ({"prompt": "a cat"}, "'model'"),
+        ({"kind": "depth", "run_id": "../../x"}, "run id"),
+    ]:
+        with pytest.raises(queue.JobError, match=message):
+            queue.submit(tmp_path, bad)
+    env = {**os.environ, "STEPX_STORE": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(ids[2])], cwd=ROOT, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0 and "cancelled" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", "12345"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == ["stepx jobs: no job 12345 in the queue"]
+    res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs"], cwd=ROOT, env=env, capture_output=True, text=True)
+    statuses = [line.split()[1] for line in res.stdout.splitlines()[2:]]
+    assert res.returncode == 0 and statuses.count("cancelled") == 3 and len(statuses) == 4
+
+
+def test_malformed_rows_fail_alone_and_the_worker_goes_on(tmp_path):
+    import json
+    import sqlite3
+
+    first = queue.submit(tmp_path, request("a red circle", 2))
+    good = json.dumps(request("a green circle", 2))
+    bad_rows = [
+        ("not json at all", 0, "queued", None),
+        ("[1, 2]", 0, "queued", None),
+        (json.dumps({"model": "tiny-random"}), 0, "queued", None),
+        (json.dumps({**request("x", 2), "steps": "many"}), 0, "queued", None),
+        (json.dumps({**request("x", 2), "width": 100000}), 0, "queued", None),
+        (good, "zero", "queued", None),  # text in an integer column: runs
+        (good, "x", "running", "soon"),  # a running row with a text heartbeat: recovered, then runs
+    ]
+    with sqlite3.connect(queue.queue_path(tmp_path)) as con:
+        bad_ids = [
+            con.execute(
+                "INSERT INTO jobs (created_at, status, request, attempts, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                ("yesterday", status, req, attempts, beat),
+            ).lastrowid
+            for req, attempts, status, beat in bad_rows
+        ]
+    last = queue.submit(tmp_path, request("a blue square", 2))
+    assert len(queue.recent(tmp_path, 50)) == 9  # listing never fails on a bad row
+    worker = start_worker(tmp_path, "--once")
+    assert worker.wait(300) == 0, worker.stderr.read().decode()
+    jobs = {i: queue.get(tmp_path, i) for i in [first, *bad_ids, last]}
+    for i in bad_ids[:5]:
+        assert jobs[i].status == "failed" and jobs[i].error.startswith("unusable job: "), jobs[i]
+    assert "not valid JSON" in jobs[bad_ids[0]].error and "'prompt'" in jobs[bad_ids[2]].error
+    assert "width" in jobs[bad_ids[4]].error
+    done = [first, bad_ids[5], bad_ids[6], last]
+    assert all(jobs[i].status == "done" for i in done), [jobs[i] for i in done]
+    assert sorted(runs_on_disk(tmp_path)) == sorted(jobs[i].run_id for i in done)
+
+
+KILLING_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import pipeline.index as index
+
+    def hook(name):
+        if name == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    index.STEP_HOOK = hook
+    from stepx.cli import main
+    sys.exit(main(["worker", "--store", sys.argv[1], "--poll", "0.2"]))
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["renamed into runs/", "renamed manifest.json"])
+def test_worker_killed_after_its_run_appeared_never_yields_a_second_run(tmp_path, step):
+    job_id = queue.submit(tmp_path, request("a red circle", 3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLING_WORKER, str(tmp_path), step], cwd=ROOT, env=env,
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    job = queue.get(tmp_path, job_id)
+    assert job.status == "running" and runs_on_disk(tmp_path) == [job.run_id]
+    finisher = start_worker(tmp_path, "--once")
+    assert finisher.wait(300) == 0, finisher.stderr.read().decode()
+    job = queue.get(tmp_path, job_id)
+    assert job.status == "done" and job.attempts == 2
+    assert runs_on_disk(tmp_path) == [job.run_id]
+    assert [r["run_id"] for r in Store(tmp_path).runs()] == [job.run_id]
+
+
+SAME_PID = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from jobs import queue
+    job = queue.claim(Path(sys.argv[1]))
+    print(os.getpid(), job.job_id, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "stepx.cli", "worker", "--once", "--store", sys.argv[1]])
+    """
+)
+
+
+def test_worker_restarted_with_the_same_pid_recovers_its_job(tmp_path):
+    """A worker that comes back under its old PID (PID 1 in a container) must not take its old job for live."""
+    job_id = queue.submit(tmp_path, request("a red circle", 2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", SAME_PID, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pid, claimed = map(int, res.stdout.split())
+    job = queue.get(tmp_path, job_id)
+    assert claimed == job_id and job.status == "done" and job.attempts == 2 and job.worker_pid == pid
+    assert runs_on_disk(tmp_path) == [job.run_id]
+
+
+SLOW_STEP_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from jobs import queue
+    real = queue.progress
+
+    def slow(store, job, step, total):
+        ok = real(store, job, step, total)
+        if step == 2 and job.request["prompt"] == "slow":
+            print("slow step", flush=True)
+            time.sleep(9)
+        return ok
+
+    queue.progress = slow
+    from stepx.cli import main
+    sys.exit(main(["worker", "--store", sys.argv[1], "--poll", "0.2"]))
+    """
+)
+
+
+def test_heartbeat_during_a_long_step_and_cancel_stops_the_job(tmp_path):
+    slow = queue.submit(tmp_path, request("slow", 6))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", SLOW_STEP_WORKER, str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert worker.stdout.readline().strip() == b"slow step"
+        first = queue.get(tmp_path, slow)
+        time.sleep(queue.BEAT_S * 2.5)
+        later = queue.get(tmp_path, slow)
+        assert first.step == later.step == 2 and later.heartbeat_at > first.heartbeat_at  # beats within a step
+        assert queue.live_worker(tmp_path) is not None  # so the dashboard never says "No worker is running"
+        res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(slow), "--store",
+                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        assert res.returncode == 0 and "next step" in res.stdout
+        job = wait_for(lambda: (j := queue.get(tmp_path, slow)).status == "cancelled" and j, what="cancelled")
+        assert job.step == 2 and runs_on_disk(tmp_path) == [] and Store(tmp_path).runs() == []
+        tmp = tmp_path / "tmp"
+        assert not tmp.exists() or not [p for p in tmp.iterdir() if p.name != ".lock"]
+        after = queue.submit(tmp_path, request("a blue square", 2))  # the worker goes on serving
+        done = wait_for(lambda: (j := queue.get(tmp_path, after)).status == "done" and j, what="next job done")
+        assert runs_on_disk(tmp_path) == [done.run_id]
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(30)
