@@ -340,31 +340,48 @@ def run_config(work: Path, overrides: list[str], log: Logger) -> Config:
     return cfg
 
 
+def refusal(args: argparse.Namespace, work: Path) -> str | None:
+    """Why this command line cannot run (one line), checked before anything is written; None if it can."""
+    has_ckpt = any((work / name).exists() for name in ("ckpt.pt", "ckpt-prev.pt"))
+    if (args.export_only or args.eval_only) and not has_ckpt:
+        return f"no checkpoint in {work} to export or evaluate"
+    if not (args.resume or args.export_only or args.eval_only) and has_ckpt:
+        return f"{work} has a checkpoint: pass --resume, or use an empty --work"
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        return f"--device {args.device}: expected cpu, cuda, cuda:N or auto"
+    if args.workers < 1 or (args.max_steps is not None and args.max_steps < 0) or not args.minutes > 0:
+        return "--workers must be at least 1, --max-steps at least 0, --minutes above 0"
+    if not (work / "config.json").exists():
+        try:
+            apply_overrides(Config(), args.set)
+        except ConfigError as err:
+            return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2: bad input, said in one line)."""
+    """Command-line entry point; returns the exit status (2: bad input, said in one line, nothing written)."""
     args = parse_args(argv)
     work = args.work.resolve()
+    problem = refusal(args, work)
+    if problem:
+        print(f"stepx train-shapes: {problem}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("stepx train-shapes: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 1
     try:
-        if not (work / "config.json").exists():
-            apply_overrides(Config(), args.set)  # refuse bad --set before anything is written
         work.mkdir(parents=True, exist_ok=True)
         log = Logger(work / "log.txt")
         cfg = run_config(work, args.set, log)
     except (ConfigError, OSError) as err:
         print(f"stepx train-shapes: {err}", file=sys.stderr)
         return 2
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        print(f"stepx train-shapes: --device {args.device}: expected cpu, cuda or auto", file=sys.stderr)
-        return 2
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    want_ckpt = args.resume or args.export_only or args.eval_only
-    if not want_ckpt and (work / "ckpt.pt").exists():
-        print(f"stepx train-shapes: {work} has a checkpoint: pass --resume, or use an empty --work", file=sys.stderr)
-        return 2
     trainer = Trainer(cfg, work, log, device=device, workers=args.workers)
-    resumed = trainer.load() if want_ckpt else False
+    resumed = trainer.load() if (args.resume or args.export_only or args.eval_only) else False
     if (args.export_only or args.eval_only) and not resumed:
-        print(f"stepx train-shapes: no checkpoint in {work} to export or evaluate", file=sys.stderr)
+        print(f"stepx train-shapes: no readable checkpoint in {work} to export or evaluate", file=sys.stderr)
         return 2
     if args.eval_only:
         trainer.evaluate_and_log()

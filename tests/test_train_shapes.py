@@ -155,6 +155,10 @@ def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert err.startswith("stepx train-shapes: --set") or err.startswith("stepx train-shapes: Config."), err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+    for bad in (["--export-only"], ["--eval-only"], ["--device", "tpu"], ["--workers", "0"]):
+        assert main(["train-shapes", "--work", str(work), *bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("stepx train-shapes: ") and len(err.splitlines()) == 1, err
     assert not work.exists()  # nothing written for a refused run
 
 
