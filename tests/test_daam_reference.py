@@ -249,3 +249,32 @@ def test_rebuild_refuses_runs_whose_mid_block_was_merged(tmp_path, tiny_model):
     with pytest.raises(StoreError, match="schema 1.2"):
         Store(tmp_path).word_map(run_id, "triangle")
     assert Store(tmp_path).word_map(run_id, "triangle", aggregation="equal_levels").shape == (32, 32)
+
+
+def test_store_offers_the_non_daam_aggregations_by_name(traced_store):
+    """Mid block included, equal levels, chosen levels: rebuilt from the stored level maps, never the default."""
+    from store import StoreError
+
+    root, traces = traced_store
+    store, trace = Store(root), traces[0]
+    run_id, rec = trace.run["run_id"], trace.steps[1]
+    circle = [i for i, t in enumerate(t for t in trace.tokens if t.has_map) if t.word == "circle"]
+    assert store.level_counts(run_id) == {"32x32": 3 * 8, "16x16": 3 * 8, "mid-16x16": 1 * 8}
+    level = {k: rec.cross[k][circle].mean(axis=0).astype(np.float16).astype(np.float32) for k in rec.cross}
+    up = {k: F.interpolate(torch.tensor(m)[None, None], size=(32, 32), mode="bicubic")[0, 0] for k, m in level.items()}
+    with_mid = (24 * up[(32, 32)] + 24 * up[(16, 16)] + 8 * up[(16, 16, "mid")]) / 56
+    got = store.word_map(run_id, "circle", step=1, aggregation="daam_with_mid")
+    np.testing.assert_allclose(got, with_mid.clamp(min=0).numpy(), atol=1e-6)
+    equal = (up[(32, 32)] + up[(16, 16)] + up[(16, 16, "mid")]) / 3
+    got = store.word_map(run_id, "circle", step=1, aggregation="equal_levels")
+    np.testing.assert_allclose(got, equal.clamp(min=0).numpy(), atol=1e-6)
+    got = store.word_map(run_id, "circle", step=1, levels=["mid-16x16"])
+    np.testing.assert_allclose(got, up[(16, 16, "mid")].clamp(min=0).numpy(), atol=1e-6)
+    assert not np.allclose(store.word_map(run_id, "circle", step=1), with_mid.clamp(min=0).numpy(), atol=1e-6)
+    with pytest.raises(StoreError, match="choose from daam"):
+        store.word_map(run_id, "circle", aggregation="mean")
+    with pytest.raises(StoreError, match="no maps for levels 8x8; its levels: 32x32, 16x16, mid-16x16"):
+        store.word_map(run_id, "circle", levels=["8x8"])
+    tokens, maps = store.token_maps(run_id)
+    assert maps.shape == (trace.run["steps"], len(tokens), 32, 32)
+    np.testing.assert_array_equal(maps[1], trace.steps[1].daam)

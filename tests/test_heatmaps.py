@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from schema.maps import aggregate_levels, daam_threshold, normalize_for_display, upsample
+from schema.codec import decode_rows, encode_rows
+from schema.maps import (
+    AGGREGATIONS,
+    aggregate_levels,
+    check_aggregation,
+    combine_levels,
+    daam_threshold,
+    halve,
+    is_mid,
+    level_label,
+    level_order,
+    level_weights,
+    normalize_for_display,
+    upsample,
+)
 from schema.stats import map_stats
 
 
@@ -43,3 +58,74 @@ def test_map_stats_hand_computed():
     assert s["centroid_x"][1] == np.float32(0.5) and s["centroid_y"][1] == np.float32(0.5)
     # uniform on 2x4: var_x = mean((x-0.5)^2) over 0.125..0.875 = 0.078125; var_y in widths = 0.0625 * 0.5^2
     assert abs(s["spread"][1] - np.sqrt(0.078125 + 0.0625 * 0.25)) < 1e-6
+
+
+def test_upsample_unclamped_matches_torch_bicubic_both_ways():
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 5, 7)).astype(np.float32)
+    for size in [(16, 16), (20, 9), (4, 3)]:  # up, mixed, down
+        ref = F.interpolate(torch.tensor(x)[None], size=size, mode="bicubic", align_corners=False)[0]
+        np.testing.assert_allclose(upsample(x, *size, clamp=False), ref.numpy(), atol=1e-5)
+    assert (upsample(x, 16, 16, clamp=False) < 0).any()  # bicubic undershoots: the clamp is a choice
+    np.testing.assert_array_equal(upsample(x, 5, 7, clamp=False), x)
+
+
+def test_level_labels_order_and_grids():
+    assert halve((64, 96), 3) == (8, 12) and halve((9, 9), 1) == (5, 5)
+    keys = [(8, 8, "mid"), (16, 16), (8, 8), (32, 32)]
+    assert [level_label(k) for k in sorted(keys, key=level_order)] == ["32x32", "16x16", "8x8", "mid-8x8"]
+    assert is_mid("mid-4x4") and not is_mid("4x4")
+
+
+def test_daam_weights_levels_by_layers_times_heads_without_mid_block():
+    counts = {"16x16": 3 * 4, "8x8": 3 * 4, "mid-4x4": 1 * 4}
+    maps = {
+        "16x16": np.full((16, 16), 0.1, np.float32),
+        "8x8": np.full((8, 8), 0.3, np.float32),
+        "mid-4x4": np.full((4, 4), 0.9, np.float32),
+    }
+    np.testing.assert_allclose(combine_levels(maps, level_weights("daam", counts), 16, 16), 0.2, atol=1e-6)
+    with_mid = (12 * 0.1 + 12 * 0.3 + 4 * 0.9) / 28
+    np.testing.assert_allclose(
+        combine_levels(maps, level_weights("daam_with_mid", counts), 16, 16), with_mid, atol=1e-6
+    )
+    np.testing.assert_allclose(combine_levels(maps, level_weights("equal_levels", counts), 16, 16), 13 / 30, atol=1e-6)
+    only = level_weights("levels", counts, ["8x8"])
+    np.testing.assert_allclose(combine_levels(maps, only, 16, 16), 0.3, atol=1e-6)
+    with pytest.raises(ValueError, match="no level 2x2"):
+        level_weights("levels", counts, ["2x2"])
+
+
+def test_combined_map_is_clamped_after_averaging_not_per_level():
+    spike = np.zeros((4, 4), np.float32)
+    spike[1, 1] = 1.0  # its bicubic upsampling undershoots around the peak
+    flat = np.full((16, 16), 0.05, np.float32)
+    got = combine_levels({"4x4": spike, "16x16": flat}, {"4x4": 1.0, "16x16": 1.0}, 16, 16)
+    expected = np.maximum((upsample(spike, 16, 16, clamp=False) + flat) / 2, 0)
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    assert not np.allclose(got, (upsample(spike, 16, 16) + flat) / 2)
+
+
+def test_aggregations_are_named_and_only_daam_is_daam():
+    assert [a.name for a in AGGREGATIONS.values() if a.daam] == ["daam"]
+    assert all("not DAAM" in a.label for a in AGGREGATIONS.values() if not a.daam)
+    with pytest.raises(ValueError, match="choose from daam"):
+        check_aggregation("mean", None)
+    with pytest.raises(ValueError, match="needs the levels"):
+        check_aggregation("levels", None)
+    with pytest.raises(ValueError, match="aggregation='levels'"):
+        check_aggregation("daam", ["16x16"])
+
+
+def test_row_codec_round_trip_within_half_a_step_of_the_row_max():
+    rng = np.random.default_rng(2)
+    m = rng.dirichlet(np.ones(64), size=64).astype(np.float32)  # rows are distributions
+    m[3] = 0  # an empty row stays empty
+    m[5, 0] = -0.01  # negatives are clamped
+    scale, data = encode_rows(m)
+    assert len(data) == 64 * 64 and scale.dtype == np.float32
+    back = decode_rows(scale, memoryview(data), (64, 64))
+    assert back.dtype == np.float32 and not back[3].any() and back[5, 0] == 0
+    err = np.abs(back - np.maximum(m, 0)).max(axis=1)
+    assert (err <= scale / 510 + 1e-9).all()
+    np.testing.assert_array_equal(back.max(axis=1), np.maximum(m, 0).max(axis=1))
