@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schema import RUN_FILES, TABLES, SchemaVersionError, check_version
+from schema import INDEX_TABLES, RUN_FILES, TABLES, SchemaVersionError, check_version
 from schema.codec import decode_rows
 from schema.layout import (
     MANIFEST,
@@ -130,6 +130,7 @@ class Store:
         self._cat: _Catalog | None = None
         self._unreadable: dict[str, str] = {}
         self._views: dict[str, str] = {}
+        self._table_paths: dict[str, list[str]] = {}  # the files each table reads, for this manifest
         self._file_ok: dict[str, tuple[int, int, int]] = {}  # raw run files found readable, by path
         self._cache_runs = cache_runs
 
@@ -171,29 +172,30 @@ class Store:
             if self._con is not None and key == self._manifest_key:
                 return
             manifest = self._load_manifest() if key is not None else {}
-            views = self._view_sources(manifest)
+            files = self._table_files(manifest)
+            views = {
+                table: parquet_source(paths, by_name=table in INDEX_TABLES) if paths else empty_source(TABLES[table])
+                for table, paths in files.items()
+            }
+            views["word_stats"] = WORD_STATS_SQL
             con = self._con or open_sandboxed(self.root)
             for name, source in views.items():
                 con.execute(view_sql(name, source))
             self._con, self._manifest, self._manifest_key, self._views = con, manifest, key, views
+            self._table_paths = files
 
-    def _view_sources(self, manifest: dict) -> dict[str, str]:
-        """The SELECT behind each user view for this manifest: index segments, and raw files of its runs only."""
+    def _table_files(self, manifest: dict) -> dict[str, list[str]]:
+        """The Parquet files behind each table for this manifest: its index segments, and the raw files of
+        exactly the runs it lists, so no view (here or in the SQL console) shows a run that `runs` doesn't."""
         segments = manifest.get("segments", {})
-        views = {}
-        for table in ("runs", "tokens", "word_step_stats"):
-            files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
-            views[table] = parquet_source(files) if files else empty_source(TABLES[table])
+        files = {t: [str(index_dir(self.root) / s["file"]) for s in segments.get(t, [])] for t in INDEX_TABLES}
         present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
         run_ids = [r for r in manifest.get("run_ids", []) if r in present and valid_run_id(r)]
         self._unreadable = {}
         for table in RAW_TABLES:
-            files = [f for f in (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids) if self._readable(f)]
-            views[table] = (
-                parquet_source([str(f) for f in files], by_name=False) if files else empty_source(TABLES[table])
-            )
-        views["word_stats"] = WORD_STATS_SQL
-        return views
+            paths = (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids)
+            files[table] = [str(f) for f in paths if self._readable(f)]
+        return files
 
     def _readable(self, path: Path) -> bool:
         """Whether a run file exists and ends like Parquet (remembered by inode, size and mtime: runs are immutable)."""
@@ -562,15 +564,5 @@ class Store:
     def sql_sources(self) -> tuple[dict[str, Source], dict[str, str]]:
         """What the SQL console shows: each table's Parquet files (the same as the views') and the SQL-defined views."""
         self._refresh()
-        segments = self._manifest.get("segments", {})
-        sources = {}
-        for table in ("runs", "tokens", "word_step_stats"):
-            files = [str(index_dir(self.root) / s["file"]) for s in segments.get(table, [])]
-            sources[table] = Source(tuple(files), TABLES[table])
-        present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
-        run_ids = [r for r in self._manifest.get("run_ids", []) if r in present]
-        for table in ("cross_attention", "self_attention", "images"):
-            paths = [run_dir(self.root, r) / RUN_FILES[table] for r in run_ids]
-            files = [p for p in paths if str(p.relative_to(self.root)) not in self._unreadable and p.is_file()]
-            sources[table] = Source(tuple(str(f) for f in files), TABLES[table])
+        sources = {table: Source(tuple(paths), TABLES[table]) for table, paths in self._table_paths.items()}
         return sources, {"word_stats": WORD_STATS_SQL}
