@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from schema.maps import level_label
+
 HERE = Path(__file__).resolve().parent
 TMP = HERE / "tmp"
 
@@ -94,7 +96,7 @@ def capture_overhead(
         "size_px": px,
         "steps": steps,
         "guidance": guidance,
-        "levels": [f"{h}x{w}" for h, w in levels],
+        "levels": [level_label(key) for key in levels],
         "self_grid": f"{self_grid[0]}x{self_grid[1]}",
         "step_grid": f"{step_grid[0]}x{step_grid[1]}",
         "pairs": pairs,

@@ -36,9 +36,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "name, layout, px, levels",
     [
-        ("sd15", "sd15", 256, ["32x32", "16x16", "8x8", "4x4"]),
-        ("sd21-base", "sd21", 256, ["32x32", "16x16", "8x8", "4x4"]),
-        ("sdxl", "sdxl", 256, ["16x16", "8x8"]),
+        ("sd15", "sd15", 256, ["32x32", "16x16", "8x8", "mid-4x4"]),
+        ("sd21-base", "sd21", 256, ["32x32", "16x16", "8x8", "mid-4x4"]),
+        ("sdxl", "sdxl", 256, ["16x16", "8x8", "mid-8x8"]),
     ],
 )
 def test_cached_layout_loads_traces_and_stores(name, layout, px, levels, tmp_path, monkeypatch):
