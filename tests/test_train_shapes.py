@@ -119,21 +119,31 @@ def _mini_overrides() -> list[str]:
 
 @pytest.mark.slow
 def test_two_runs_of_the_miniature_recipe_give_bit_identical_weights(tmp_path):
-    """`stepx train-shapes` twice, each in a fresh work folder, run from an unrelated directory."""
+    """`stepx train-shapes` twice, each in a fresh work folder, run from an unrelated directory; the second
+    run stops after 2 steps and resumes, as sessions of `make model` do."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    blobs = []
-    for name in ("a", "b"):
-        work = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def train(work: Path, *extra: str) -> None:
         cmd = [sys.executable, "-m", "stepx.cli", "train-shapes", "--work", str(work), "--out", str(tmp_path / "out")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        cmd += ["--no-export", "--set", *_mini_overrides()]
+        cmd += ["--no-export", *extra, "--set", *_mini_overrides()]
         res = subprocess.run(cmd, cwd=elsewhere, capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
-        blobs.append({f: torch.load(work / f, weights_only=False) for f in ("vae.pt", "data.pt", "ckpt.pt")})
+
+    train(tmp_path / "a")
+    train(tmp_path / "b", "--max-steps", "2")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["state"]["step"] == 2
+    train(tmp_path / "b", "--resume")
     assert not (tmp_path / "out").exists()  # --no-export
-    a, b = blobs
-    assert a["ckpt.pt"]["state"]["step"] == MINI.steps
+    a, b = (
+        {f: torch.load(tmp_path / n / f, weights_only=False) for f in ("vae.pt", "data.pt", "ckpt.pt")} for n in "ab"
+    )
+    assert a["ckpt.pt"]["state"]["step"] == b["ckpt.pt"]["state"]["step"] == MINI.steps
+    scores = [
+        [{k: v for k, v in e.items() if k != "eval_seconds"} for e in x["ckpt.pt"]["state"]["evals"]] for x in (a, b)
+    ]
+    assert scores[0] == scores[1] and scores[0][0]["step"] == 3  # same weights, same validation scores
     pairs = [(a["vae.pt"]["state"], b["vae.pt"]["state"]), (a["data.pt"], b["data.pt"])]
     pairs += [(a["ckpt.pt"][k], b["ckpt.pt"][k]) for k in ("text", "unet", "ema_text", "ema_unet")]
     compared = 0
