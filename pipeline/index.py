@@ -35,10 +35,10 @@ from schema.layout import (
     ManifestError,
     check_run_id,
     index_dir,
+    index_problem,
     parse_manifest,
     run_dir,
     runs_dir,
-    segment_problem,
     tmp_dir,
     valid_run_id,
 )
@@ -100,13 +100,8 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def manifest_problem(root: Path, m: Manifest) -> str | None:
-    """Why a parsed manifest can't be used (a segment missing, truncated, foreign), or None."""
-    for table, segs in m.segments.items():
-        for s in segs:
-            problem = segment_problem(index_dir(root) / s["file"], table, s["rows"])
-            if problem:
-                return problem
-    return None
+    """Why a parsed manifest can't be used (a segment missing, truncated, foreign; runs disagreeing), or None."""
+    return index_problem(index_dir(root), {"segments": m.segments, "run_ids": m.run_ids})
 
 
 def is_indexed(root: Path, run_id: str) -> bool:
@@ -380,9 +375,7 @@ def rebuild_index(root: Path) -> RebuildReport:
         upgraded, refused = upgrade_runs(root)
         m, swept = _rebuild_locked(root)
         removed = clean_tmp(root)
-    return RebuildReport(
-        len(m.run_ids), dict(m.bad_runs), removed, swept, time.perf_counter() - t0, upgraded, refused
-    )
+    return RebuildReport(len(m.run_ids), dict(m.bad_runs), removed, swept, time.perf_counter() - t0, upgraded, refused)
 
 
 def upgrade_runs(root: Path) -> tuple[list[str], dict[str, str]]:

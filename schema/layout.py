@@ -127,6 +127,24 @@ def parse_manifest(text: str | bytes) -> dict:
     return {**d, "bad_runs": bad, "retired": retired}
 
 
+def index_problem(index: Path, manifest: dict) -> str | None:
+    """Why a parsed manifest's index can't be used (a segment missing, truncated or foreign, or the runs
+    segments listing other runs than run_ids, which the raw views read), or None."""
+    import pyarrow.parquet as pq
+
+    for table, segs in manifest["segments"].items():
+        for s in segs:
+            problem = segment_problem(index / s["file"], table, s["rows"])
+            if problem:
+                return problem
+    listed: list[str] = []
+    for s in manifest["segments"]["runs"]:
+        listed += pq.read_table(index / s["file"], columns=["run_id"]).column("run_id").to_pylist()
+    if sorted(listed) != sorted(manifest["run_ids"]):
+        return "run_ids and the runs segments list different runs"
+    return None
+
+
 def segment_problem(path: Path, table: str, rows: int) -> str | None:
     """Why an index segment can't be used (missing, not Parquet, another table's, wrong length), or None."""
     import pyarrow as pa

@@ -29,10 +29,10 @@ from schema.layout import (
     MANIFEST,
     ManifestError,
     index_dir,
+    index_problem,
     parse_manifest,
     run_dir,
     runs_dir,
-    segment_problem,
     store_root,
     valid_run_id,
 )
@@ -156,11 +156,9 @@ class Store:
         except (ManifestError, OSError) as exc:
             raise self._damaged(str(exc)) from None
         check_version({b"stepx.schema_version": manifest["schema_version"].encode()}, where=f"the store {self.root}")
-        for table, segs in manifest["segments"].items():
-            for seg in segs:
-                problem = segment_problem(index_dir(self.root) / seg["file"], table, seg["rows"])
-                if problem:
-                    raise self._damaged(problem)
+        problem = index_problem(index_dir(self.root), manifest)
+        if problem:
+            raise self._damaged(problem)
         return manifest
 
     def _refresh(self) -> None:

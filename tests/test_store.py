@@ -248,6 +248,13 @@ def _copy_segment(root: Path, src: str, dst: str) -> None:
     shutil.copyfile(_segment(root, src), _segment(root, dst))
 
 
+def _unindexed_copy(root: Path) -> str:
+    """A complete run folder the index doesn't list (what raw views would show if they trusted run_ids)."""
+    src = sorted((root / "runs").iterdir())[0]
+    shutil.copytree(src, root / "runs" / "20990101-000000-abcdef")
+    return "20990101-000000-abcdef"
+
+
 DAMAGE = {
     "garbage": lambda r: (r / "index" / "manifest.json").write_bytes(b"\x00\xff not json {"),
     "empty": lambda r: (r / "index" / "manifest.json").write_bytes(b""),
@@ -260,6 +267,8 @@ DAMAGE = {
     "segment path": lambda r: _edit_manifest(r, lambda m: m["segments"]["runs"][0].update(file="../../etc/passwd")),
     "run id path": lambda r: _edit_manifest(r, lambda m: m["run_ids"].append("../../x")),
     "bad_runs list": lambda r: _edit_manifest(r, lambda m: m.update(bad_runs=[1])),
+    "run_ids short": lambda r: _edit_manifest(r, lambda m: m["run_ids"].pop()),
+    "run_ids extra": lambda r: _edit_manifest(r, lambda m: m["run_ids"].append(_unindexed_copy(r))),
     "truncated segment": lambda r: _segment(r, "runs").write_bytes(_segment(r, "runs").read_bytes()[:200]),
     "deleted segment": lambda r: _segment(r, "tokens").unlink(),
     "foreign segment": lambda r: _copy_segment(r, "tokens", "runs"),
