@@ -33,9 +33,9 @@ class Config:
     vae_steps: int = 821  # the committed VAE's step count (held-out L1 0.028, every reconstruction judged correct)
     vae_batch: int = 32
     vae_lr: float = 2e-3  # cosine-decayed to 10% over `vae_steps`
-    vae_kl_weight: float = 1e-6  # just enough to keep the latent bounded; the scaling factor fixes its std
+    vae_kl_weight: float = 1e-6  # nearly a plain autoencoder, as SD's VAE; the scaling factor sets latent std 1
     # data
-    n_scenes: int = 80000  # encoded once (~1.3 GB of latents and masks); more scenes did not help in probes
+    n_scenes: int = 80000  # encoded once (~0.5 GB of latents, masks and ids in data.pt)
     # text encoder
     text_hidden: int = 128  # most of the 7M parameters are CLIP's 49,408-token table, not the layers
     text_layers: int = 4
@@ -53,9 +53,9 @@ class Config:
     norm_groups: int = 8
     # denoiser training
     steps: int = 22000  # the run ends here and exports (the committed weights: 22,016 steps)
-    batch: int = 24  # what 2 CPU cores train at ~1 step/s
+    batch: int = 24  # ~1.3 steps/s on 2 CPU cores (the committed run: 22,016 steps in 4.66 h)
     lr: float = 5e-4
-    text_lr_mult: float = 3.0  # the text encoder starts from nothing and must learn to separate words fast
+    text_lr_mult: float = 3.0  # the text encoder starts from random weights, beside a UNet that needs its words
     weight_decay: float = 0.01
     warmup: int = 100  # linear warm-up steps, then constant
     ema_decay: float = 0.999  # the exported weights are the EMA
@@ -63,7 +63,7 @@ class Config:
     offset_noise: float = 0.1  # lets the model change an image's mean (flat backgrounds)
     cond_drop: float = 0.1  # captions dropped for classifier-free guidance
     # Attention grounding (TokenCompose-style): each object word's cross-attention inside its mask.
-    ground_weight: float = 0.1  # against the denoising loss; more slowed denoising in probes
+    ground_weight: float = 0.1  # against the denoising loss
     ground_bg_weight: float = 1.0
     # Background term (attention that pixels outside every object give to object words) off from this
     # step (-1: never off). 0: never used: at high noise no pixel can tell whether it lies inside an
@@ -94,11 +94,11 @@ class Config:
     # equal the change that the twin's scene implies; the error is relative to that change, so every t
     # counts alike. (Committed weights: right shape 0.38 -> 0.83 in 4,100 steps once it was switched on.)
     shape_contrast_start: int = 0
-    shape_contrast_n: int = 8  # ~a third of a batch: costs ~a third more per step
-    shape_contrast_t: int = 300  # below this the noisy input already shows the true shape
+    shape_contrast_n: int = 8  # of the batch's 24 (each twin costs a VAE encode and two UNet passes)
+    shape_contrast_t: int = 300  # at low t the noisy input itself shows the shape
     shape_contrast_weight: float = 0.05
     curriculum: tuple[int, int] = (400, 1200)  # steps of 1-object only, then of 1-2 objects, then 1-3
-    bf16: bool = True  # bf16 autocast: ~1.6x faster on CPU, no loss in quality seen
+    bf16: bool = True  # bf16 autocast (CPU or GPU), as the committed weights were trained
     # bookkeeping (keyed to steps, so a run's log and checkpoints don't depend on the machine's speed)
     ckpt_every: int = 250  # steps between checkpoints (~4 min on 2 cores)
     eval_every: int = 500  # steps between periodic evaluations on the validation prompts
