@@ -113,7 +113,9 @@ def run_depth_job(store: Path, job: queue.Job) -> None:
 
     req = job.request
     try:
-        queue.progress(store, job, 0, 1)
+        if not queue.progress(store, job, 0, 1):
+            queue.finish(store, job, error="cancelled before it started", cancelled=True)
+            return
         depth_for_run(store, req["run_id"], load_depth_model(req.get("depth_model", "zoedepth")))
     except (ModelNotFoundError, FileNotFoundError, ValueError, StoreError) as exc:
         queue.finish(store, job, error=str(exc))
@@ -144,9 +146,13 @@ def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | No
         print(f"stepx worker: recovered jobs {recovered} left by a stopped worker", file=sys.stderr, flush=True)
     print(f"stepx worker: serving {store} on {device}", file=sys.stderr, flush=True)
     current: dict = {}
+    last_recover = time.time()
     with heartbeat(store, device, current):
         while True:
             try:
+                if time.time() - last_recover > queue.HEARTBEAT_STALE_S / 2:  # jobs of workers elsewhere
+                    queue.recover(store)
+                    last_recover = time.time()
                 job = queue.claim(store)
             except sqlite3.Error as exc:
                 print(f"stepx worker: cannot read the queue: {exc}", file=sys.stderr, flush=True)

@@ -136,6 +136,15 @@ def test_queue_positions_elapsed_cancel_and_limits(tmp_path):
     assert queue.claim(tmp_path).job_id == ids[2]
     queue.recover(tmp_path, force=True)  # as a restarted worker would: back in the queue, same run id
     assert queue.get(tmp_path, ids[2]).status == "queued"
+    stale, fresh = queue.submit(tmp_path, request("stale", 3)), queue.submit(tmp_path, request("fresh", 3))
+    with sqlite3.connect(queue.queue_path(tmp_path)) as con:
+        for job_id, age in ((stale, queue.HEARTBEAT_STALE_S + 5), (fresh, 1)):
+            con.execute(
+                "UPDATE jobs SET status = 'running', attempts = 1, worker_pid = ?, heartbeat_at = ? WHERE job_id = ?",
+                (os.getpid(), time.time() - age, job_id),  # even our own PID: only the heartbeat's age counts
+            )
+    assert queue.recover(tmp_path) == [stale]
+    assert queue.get(tmp_path, stale).status == "queued" and queue.get(tmp_path, fresh).status == "running"
     finished = queue.submit(tmp_path, request("done", 3))
     with sqlite3.connect(queue.queue_path(tmp_path)) as con:
         con.execute("UPDATE jobs SET status = 'done' WHERE job_id = ?", (finished,))
@@ -160,7 +169,7 @@ def test_queue_positions_elapsed_cancel_and_limits(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["stepx jobs: no job 12345 in the queue"]
     res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs"], cwd=ROOT, env=env, capture_output=True, text=True)
     statuses = [line.split()[1] for line in res.stdout.splitlines()[2:]]
-    assert res.returncode == 0 and statuses.count("cancelled") == 3 and len(statuses) == 4
+    assert res.returncode == 0 and statuses.count("cancelled") == 3 and len(statuses) == 6
 
 
 def test_malformed_rows_fail_alone_and_the_worker_goes_on(tmp_path):
