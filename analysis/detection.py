@@ -22,9 +22,9 @@ DAAM_ALONE = "DAAM alone"
 GUIDED = "DAAM + self-attention"
 METHODS = (DAAM_ALONE, GUIDED)
 # The method callers use unless told otherwise (stepx annotate, TITAN, the dashboard's detect page). Measured
-# with `stepx eval --split test --seeds 5 --n 30` (150 images, 300 shape nouns): top-region mask IoU against the
-# drawn object 0.633 (95% interval 0.599-0.665) for DAAM alone vs 0.533 (0.484-0.585) with self-attention, and
-# 1.01 regions per shape word vs 1.81.
+# with `stepx eval --split test --seeds 5 --n 30` (150 images, 300 shape nouns, DAAM's word maps): top-region mask
+# IoU against the drawn object 0.670 (95% interval 0.639-0.697) for DAAM alone vs 0.536 (0.488-0.585) with
+# self-attention, and 1.01 regions per shape word vs 1.74.
 DEFAULT_METHOD = DAAM_ALONE
 GUIDED_BY_DEFAULT = DEFAULT_METHOD == GUIDED
 
