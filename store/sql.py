@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
+import importlib.abc
 import io
 import os
 import pickle
@@ -33,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zoneinfo
@@ -41,8 +44,7 @@ from multiprocessing.connection import Connection
 
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+import pyarrow.fs
 
 from schema.limits import LIMITS, LimitError, check_value
 from store.errors import QueryError, Results
@@ -98,12 +100,47 @@ def scannable(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, widen(f.type), f.nullable) for f in schema])
 
 
-def connect(sources: dict[str, Source], views: dict[str, str], memory_limit_mb: int, threads: int = THREADS):
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """Refuses `import pandas`: pyarrow.dataset imports it eagerly (~1 s) and the query process never needs it."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.split(".")[0] == "pandas":
+            raise ImportError("pandas is not loaded in the SQL query process")
+
+
+def _datasets(without_pandas: bool = False) -> object:
+    """pyarrow.dataset, imported on first use (the caller of `run_query` never needs it)."""
+    if without_pandas and "pyarrow.dataset" not in sys.modules and "pandas" not in sys.modules:
+        blocker = _NoPandas()
+        sys.meta_path.insert(0, blocker)
+        try:
+            importlib.import_module("pyarrow.dataset")
+        finally:
+            sys.meta_path.remove(blocker)
+    import pyarrow.dataset as ds
+
+    return ds
+
+
+# What the engine must report once `connect` is done; checked there, so a DuckDB that behaves otherwise fails closed.
+LOCKED = {
+    "enable_external_access": "false",
+    "allowed_directories": "[]",
+    "allowed_paths": "[]",
+    "temp_directory": "",
+    "autoinstall_known_extensions": "false",
+    "autoload_known_extensions": "false",
+    "lock_configuration": "true",
+}
+
+
+def connect(
+    sources: dict[str, Source], views: dict[str, str], memory_limit_mb: int, threads: int = THREADS
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB showing `sources` (Arrow datasets) and `views`, that can touch no file at all."""
     con = duckdb.connect(
         ":memory:",
         config={
-            "enable_external_access": False,  # no file read or write from SQL; Arrow datasets are read by pyarrow
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "allow_community_extensions": False,
@@ -113,17 +150,28 @@ def connect(sources: dict[str, Source], views: dict[str, str], memory_limit_mb: 
             "max_temp_directory_size": "0B",
             "memory_limit": f"{int(memory_limit_mb)}MB",
             "threads": int(threads),
-            "lock_configuration": True,  # SET / RESET / PRAGMA of any setting is refused from here on
         },
     )
-    local = pafs.LocalFileSystem()
+    # DuckDB allows its own database paths even with external access off; for ':memory:' those are files
+    # named ':memory:', ':memory:.wal', ... in the cwd, which SQL could then write. Allow nothing at all.
+    con.execute("SET allowed_paths = []")
+    con.execute("SET allowed_directories = []")
+    con.execute("SET enable_external_access = false")  # no file read or write from SQL from here on
+    ds = _datasets()
+    local = pa.fs.LocalFileSystem()
     for name, src in sources.items():
         data = ds.FileSystemDataset.from_paths(
             list(src.files), schema=scannable(src.schema), format=ds.ParquetFileFormat(), filesystem=local
         )
-        con.register(name, data)
+        con.register(name, data)  # read by pyarrow, outside DuckDB's file system
     for name, select in views.items():
         con.execute(f"CREATE VIEW {name} AS {select}")
+    con.execute("SET lock_configuration = true")  # SET / RESET / PRAGMA of any setting is refused from here on
+    names = ", ".join(f"'{n}'" for n in LOCKED)
+    found = dict(con.execute(f"SELECT name, value FROM duckdb_settings() WHERE name IN ({names})").fetchall())
+    if found != LOCKED:
+        con.close()
+        raise QueryError(f"the SQL sandbox could not be locked (DuckDB {duckdb.__version__} reports {found})")
     return con
 
 
@@ -209,6 +257,13 @@ def _confine(limits: Limits) -> None:
     pa.set_io_thread_count(THREADS)
 
 
+def _leave_cwd() -> None:
+    """Work in an empty folder that no longer exists: a relative path opens nothing, creates nothing."""
+    gone = tempfile.mkdtemp(prefix="stepx-sql-")
+    os.chdir(gone)
+    os.rmdir(gone)
+
+
 def _data_bytes() -> int:
     """This process's data segment now (VmData: what RLIMIT_DATA counts), 0 where /proc is missing."""
     try:
@@ -249,6 +304,8 @@ def _query_process(fd: int) -> None:
     limits = Limits()
     try:
         sources, views, query, limits, precheck = pickle.loads(conn.recv_bytes())  # from our own parent
+        _datasets(without_pandas=True)
+        _leave_cwd()
         _confine(limits)
         con = connect(sources, views, limits.memory_limit_mb)
         _send(conn, ("ready",))
@@ -279,6 +336,7 @@ def _serve(fd: int) -> None:
     Exits when its parent closes the control socket (or dies). Children are reaped by the kernel.
     """
     control = socket.socket(fileno=fd)
+    _datasets(without_pandas=True)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     while True:
         try:

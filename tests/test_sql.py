@@ -1,116 +1,638 @@
-"""The SQL console is read-only and sandboxed: hostile queries are refused or stopped with a clear
-message and the store is unchanged; example questions run; the page works under AppTest."""
+"""The SQL console is read-only at the engine level, isolated per query, and its limits hold.
+
+The promises of README "Security model", and the tests that check each one:
+- The engine is the boundary: test_engine_refuses_hostile_class runs every hostile statement straight on
+  the engine (`store.sql.connect`, the friendly pre-check bypassed) and asserts the engine refuses every
+  file read, file write, extension and setting change; test_query_process_refuses_hostile_sample and
+  test_console_refuses_hostile_sample do the same through the query process and `Store.sql`;
+  test_hostile_battery_through_processes (slow) runs the whole battery both ways.
+- After every hostile statement the store's bytes and listing, the work folder's `.tmp` and an outside
+  folder are unchanged, and another session opened before the attack sees the same results (all of the
+  above tests); test_hostile_battery_is_large counts the battery (> 150, every EXPLAIN form).
+- Isolation: test_state_never_reaches_the_next_query (macros, views, temp tables, variables, attached
+  databases, secrets made by one query are gone in the next, for the same and another Store), and
+  test_dashboard_sessions_are_isolated (two browser sessions of the SQL page).
+- Limits: test_time_limit_holds_for_any_query (cross join, recursive CTE, a non-interruptible string
+  function), test_memory_limit_names_its_setting, test_cli_string_builder_stops_fast_and_small (the
+  issue's command: under 3 s, RSS under 2 GB), test_cli_rejects_bad_limits, test_api_rejects_bad_limits.
+- The friendly pre-check: test_precheck_gives_friendly_lines. One result shape: test_results_shape.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from jobs.synth import synth_store
-from store import QueryError, Store
-from store.sql import EXAMPLES
+from schema.limits import LIMITS
+from stepx.cli import main as stepx_main
+from store import QueryError, Results, Store
+from store.sql import EXAMPLES, Limits, SettingError, check_statement, connect, run_query
 
-HOSTILE = [
-    "SELECT * FROM read_csv('/etc/passwd')",
-    "SELECT * FROM read_text('/etc/hostname')",
-    "SELECT * FROM read_blob('/etc/shadow')",
-    "SELECT * FROM read_json_auto('/etc/os-release')",
-    "SELECT * FROM read_parquet('/tmp/*.parquet')",
-    "SELECT * FROM glob('/*')",
-    "SELECT * FROM glob('{root}/../*')",
-    "SELECT * FROM read_text('{root}/../secret.txt')",
-    "SELECT * FROM 'data.csv'",
-    "SELECT * FROM sniff_csv('/etc/passwd')",
-    "COPY runs TO '/tmp/stolen.csv'",
-    "COPY runs TO '{root}/runs/evil.csv'",
-    "COPY (SELECT 1) TO '{root}/index/x.parquet' (FORMAT parquet)",
-    "EXPORT DATABASE '/tmp/dump'",
-    "ATTACH '/tmp/other.duckdb' AS other",
-    "ATTACH ':memory:' AS m",
-    "DETACH memory",
-    "INSTALL httpfs",
-    "LOAD httpfs",
-    "SET enable_external_access = true",
-    "SET allowed_directories = ['/']",
-    "SET threads = 1",
-    "RESET lock_configuration",
-    "PRAGMA enable_profiling",
-    "PRAGMA threads = 64",
-    "CREATE TABLE t AS SELECT * FROM runs",
-    "CREATE OR REPLACE VIEW runs AS SELECT 1",
-    "DROP VIEW runs",
-    "INSERT INTO runs (run_id) VALUES ('x')",
-    "UPDATE runs SET prompt = 'x'",
-    "DELETE FROM runs",
-    "ALTER VIEW runs RENAME TO r",
-    "CALL pragma_version()",
-    "CHECKPOINT",
-    "VACUUM",
-    "SELECT 1; DROP VIEW runs",
-    "SELECT * FROM runs; COPY runs TO '/tmp/x.csv'",
-    "",
-    "   ",
-    "SELEC * FROM runs",
-    "SELECT count(*) FROM range(100000000000) a, range(100000000000) b",
-    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
-]
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+@dataclass(frozen=True)
+class Env:
+    """A synthetic store, a work folder (the cwd, with DuckDB's default `.tmp`), an outside folder."""
+
+    base: Path
+    root: Path
+    work: Path
+    out: Path
+    run: str
+
+    def fill(self, statement: str) -> str:
+        return statement.format(
+            root=self.root, base=self.base, cwd=self.work, out=self.out, run=self.run, pid=os.getpid()
+        )
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sqlstore")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    base = tmp_path_factory.mktemp("sqlsandbox")
+    root = base / "store"
     synth_store(root, 4, steps=3, seed=2)
-    (root.parent / "secret.txt").write_text("top secret")
-    return root
+    (base / "secret.txt").write_text("top secret")
+    pq.write_table(pa.table({"secret": ["outside"]}), base / "outside.parquet")
+    work = base / "work"
+    (work / ".tmp").mkdir(parents=True)
+    (work / ".tmp" / "planted.txt").write_text("planted in DuckDB's default temp folder")
+    out = base / "out"
+    out.mkdir()
+    run = sorted(p.name for p in (root / "runs").iterdir())[0]
+    return Env(base, root, work, out, run)
 
 
-def test_hostile_queries_refused_and_store_unchanged(store_dir):
-    assert len(HOSTILE) >= 30
-    before = digest(store_dir)
-    store = Store(store_dir)
-    for query in HOSTILE:
-        text = query.format(root=store_dir)
-        with pytest.raises(QueryError) as err:
-            store.sql(text, timeout_s=1.0)
-        message = str(err.value)
-        assert "\n" not in message and len(message) < 400, message
-        assert any(
-            k in message for k in ("only SELECT", "one statement", "read only this store", "refused", "empty",
-                                   "does not parse", "longer than", "failed")
-        ), message  # fmt: skip
-    assert digest(store_dir) == before
-    assert not Path("/tmp/stolen.csv").exists() and not (store_dir / "runs" / "evil.csv").exists()
-    assert store.sql("SELECT count(*) FROM runs").rows == [(4,)]  # still healthy afterwards
+@pytest.fixture()
+def in_work(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """Run with the work folder as cwd, so DuckDB's default temp folder would be <work>/.tmp."""
+    monkeypatch.chdir(env.work)
+    return env
 
 
-def test_timeout_names_the_setting(store_dir):
-    with pytest.raises(QueryError, match="longer than 0.5 s.*timeout_s"):
-        Store(store_dir).sql("SELECT count(*) FROM range(100000000000) a, range(1000) b", timeout_s=0.5)
+def snapshot(env: Env) -> dict[str, str]:
+    """Every file (sha256) and folder under the store, the work folder and the outside folder."""
+    found = {}
+    for top in (env.root, env.work, env.out):
+        for p in sorted(top.rglob("*")):
+            found[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    found["base listing"] = ",".join(sorted(p.name for p in env.base.iterdir()))
+    return found
 
 
-def test_examples_run(store_dir):
-    store = Store(store_dir)
+# -- the hostile battery, generated by class -------------------------------------------------------------
+
+WRITE_TARGETS = [
+    "{root}/runs/evil.csv",
+    "{root}/index/manifest.json",
+    "{root}/index/runs-999999-evil.parquet",
+    "{root}/runs/{run}/images.parquet",
+    "{root}/tmp/evil.csv",
+    "{cwd}/.tmp/evil.csv",
+    ".tmp/evil.csv",
+    "{out}/evil.csv",
+    "{root}/../evil.csv",
+    "/tmp/stepx-sql-evil-{pid}.csv",
+    ":memory:",  # DuckDB allows its own database paths by default: for ':memory:' these are files in the cwd
+    ":memory:.wal",
+    "{cwd}/:memory:.wal.recovery",
+]
+WRITE_FORMS = [
+    "COPY runs TO '{t}'",
+    "COPY (SELECT * FROM images) TO '{t}' (FORMAT parquet)",
+    "COPY (SELECT prompt FROM runs) TO '{t}' (FORMAT csv, HEADER false)",
+]
+READ_PATHS = [
+    "/etc/passwd",
+    "{base}/secret.txt",
+    "{root}/runs/../../secret.txt",
+    "{base}/outside.parquet",
+    "{root}/index/manifest.json",
+    "{root}/runs/*/runs.parquet",
+    "{cwd}/.tmp/planted.txt",
+    ".tmp/planted.txt",
+    "{cwd}/:memory:",
+    "/proc/self/environ",
+]
+READ_FUNCTIONS = [
+    "read_text('{p}')",
+    "read_blob('{p}')",
+    "read_csv('{p}')",
+    "read_csv_auto('{p}', header = false)",
+    "read_json_auto('{p}')",
+    "read_parquet('{p}')",
+    "parquet_metadata('{p}')",
+    "glob('{p}')",
+    "sniff_csv('{p}')",
+    "'{p}'",
+]
+
+
+def _reads() -> list[str]:
+    direct = [f"SELECT * FROM {fn.replace('{p}', p)}" for fn in READ_FUNCTIONS for p in READ_PATHS]
+    nested = []
+    for fn in READ_FUNCTIONS:
+        src = fn.replace("{p}", "{base}/secret.txt")
+        nested += [
+            f"WITH t AS (SELECT * FROM {src}) SELECT count(*) FROM t",
+            f"SELECT run_id, (SELECT count(*) FROM {src}) AS n FROM runs",
+            f"SELECT * FROM runs WHERE EXISTS (SELECT 1 FROM {src})",
+        ]
+    return direct + nested
+
+
+HOSTILE: dict[str, list[str]] = {
+    "write": [form.replace("{t}", t) for form in WRITE_FORMS for t in WRITE_TARGETS]
+    + [
+        "COPY (WITH t AS (SELECT * FROM runs) SELECT * FROM t) TO '{root}/index/manifest.json'",
+        "COPY (SELECT * FROM read_text('{base}/secret.txt')) TO '{root}/runs/stolen.csv'",
+        "COPY runs TO '/dev/stdout'",
+        "PREPARE p AS COPY runs TO '{root}/runs/p.csv'",
+    ],
+    "export_import": [
+        "EXPORT DATABASE '{root}/index'",
+        "EXPORT DATABASE '{root}/runs/dump' (FORMAT parquet)",
+        "EXPORT DATABASE '{out}/dump'",
+        "EXPORT DATABASE '{cwd}/.tmp'",
+        "IMPORT DATABASE '{root}/index'",
+        "IMPORT DATABASE '{out}'",
+        "COPY runs FROM '/etc/passwd'",
+    ],
+    "attach": [
+        "ATTACH '{root}/index/evil.duckdb' AS evil",
+        "ATTACH '{out}/x.duckdb' AS x",
+        "ATTACH '{root}/index/manifest.json' AS m (READ_ONLY)",
+        "ATTACH '{root}/runs/{run}/runs.parquet' AS p",
+        "ATTACH '{out}/x.sqlite' AS s (TYPE sqlite)",
+        "SELECT * FROM read_duckdb('{root}/index/evil.duckdb')",
+    ],
+    "extension": [
+        "INSTALL httpfs",
+        "FORCE INSTALL httpfs",
+        "LOAD httpfs",
+        "LOAD '{out}/evil.duckdb_extension'",
+        "INSTALL sqlite FROM '{out}'",
+        "SELECT * FROM read_csv('https://example.com/x.csv')",
+        "SELECT * FROM duckdb_extensions()",
+    ],
+    "settings": [
+        "SET enable_external_access = true",
+        "SET allowed_directories = ['/']",
+        "SET allowed_paths = ['/etc/passwd']",
+        "SET temp_directory = '{out}'",
+        "SET max_temp_directory_size = '10GB'",
+        "SET memory_limit = '100GB'",
+        "SET threads = 64",
+        "SET lock_configuration = false",
+        "RESET lock_configuration",
+        "RESET memory_limit",
+        "SET GLOBAL enable_external_access = true",
+        "SET autoload_known_extensions = true",
+        "SET log_query_path = '{out}/queries.log'",
+        "SET profiling_output = '{root}/index/profile.json'",
+        "SET enable_profiling = 'json'",
+        "PRAGMA enable_profiling = 'json'",
+        "PRAGMA memory_limit = '64GB'",
+        "PRAGMA threads = 64",
+        "CALL enable_logging(storage = 'file', storage_path = '{out}/logs')",
+        "SET disabled_filesystems = ''",
+    ],
+    "read": _reads(),
+    "ddl": [
+        "CREATE OR REPLACE VIEW runs AS SELECT 'phish' AS prompt",
+        "CREATE VIEW evil AS SELECT 1",
+        "CREATE TABLE t AS SELECT * FROM runs",
+        "CREATE TEMP TABLE t AS SELECT 1",
+        "CREATE OR REPLACE TABLE runs AS SELECT 1",
+        "CREATE MACRO lower(x) AS 'phish'",
+        "CREATE OR REPLACE MACRO lower(x) AS 'phish'",
+        "CREATE OR REPLACE TEMP MACRO upper(x) AS 'phish'",
+        "CREATE MACRO evil() AS TABLE SELECT * FROM read_text('/etc/passwd')",
+        "CREATE SEQUENCE s",
+        "CREATE TYPE mood AS ENUM ('a')",
+        "CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')",
+        "CREATE PERSISTENT SECRET p (TYPE http)",
+        "CREATE SECRET h (TYPE http)",
+        "CREATE SCHEMA evil",
+        "DROP VIEW runs",
+        "DROP VIEW word_stats",
+        "ALTER VIEW runs RENAME TO r",
+        "ATTACH ':memory:' AS m",
+        "DETACH memory",
+        "USE system",
+        "SET VARIABLE v = 'phish'",
+        "CHECKPOINT",
+        "VACUUM",
+    ],
+    "dml": [
+        "INSERT INTO runs (run_id) VALUES ('x')",
+        "UPDATE runs SET prompt = 'phish'",
+        "DELETE FROM runs",
+        "TRUNCATE runs",
+        "INSERT INTO runs SELECT * FROM runs",
+        "UPDATE word_stats SET mass = 0",
+    ],
+}
+# The engine must refuse every statement of these classes (the others may run in their throwaway database).
+MUST_FAIL = {"write", "export_import", "attach", "extension", "settings", "read"}
+TRICK_CORES = [
+    "COPY runs TO '{root}/runs/evil.csv'",
+    "SELECT * FROM read_text('{base}/secret.txt')",
+    "SET enable_external_access = true",
+    "CREATE OR REPLACE VIEW runs AS SELECT 'phish' AS prompt",
+]
+TRICKS = [
+    "/* hello */ {s}",
+    "-- a comment\n{s}",
+    "{s} -- trailing",
+    "\ufeff{s}",
+    "  \n\t{s}",
+    "SELECT 1; {s}",
+    "{s}; SELECT 1",
+    "SELECT ';' AS x; {s}",
+    "SELECT 1 /* ; */; {s}",
+    "SELECT $$;$$; {s}",
+    "{s};;",
+    "{lower}",
+]
+
+
+def battery() -> list[tuple[str, str]]:
+    """(class, statement) for every hostile statement: each plain, under EXPLAIN and EXPLAIN ANALYZE."""
+    out = []
+    for cls, statements in HOSTILE.items():
+        for s in statements:
+            out += [(cls, s), (cls, f"EXPLAIN {s}"), (cls, f"EXPLAIN ANALYZE {s}")]
+    for core in TRICK_CORES:
+        cls = "tricks-file" if "VIEW" not in core else "tricks-ddl"
+        out += [(cls, t.replace("{lower}", core.lower()).replace("{s}", core)) for t in TRICKS]
+    return out
+
+
+BATTERY = battery()
+CLASSES = sorted({c for c, _ in BATTERY})
+FIXED = [
+    "SELECT * FROM runs ORDER BY run_id",
+    "SELECT * FROM tokens ORDER BY run_id, token_index",
+    "SELECT count(*), sum(mass), min(word) FROM word_stats",
+    "SELECT run_id, kind, step_index, md5(data) FROM images ORDER BY ALL",
+    "SELECT count(*), sum(peak) FROM cross_attention",
+    "SELECT lower('ABC'), upper('abc'), current_setting('enable_external_access')",
+]
+
+
+SETTINGS_SQL = (
+    "SELECT name, value FROM duckdb_settings() WHERE name IN "
+    "('enable_external_access', 'lock_configuration', 'temp_directory', 'allowed_directories', 'allowed_paths')"
+)
+LOCKED = {
+    "enable_external_access": "false",
+    "lock_configuration": "true",
+    "temp_directory": "",
+    "allowed_directories": "[]",
+    "allowed_paths": "[]",
+}
+
+
+def expect_refusal(cls: str, statement: str, precheck: bool) -> bool:
+    """Whether the statement must be refused: file-touching classes always; with the pre-check, all but SELECTs.
+
+    A plain EXPLAIN only plans: it may succeed, and the snapshots prove it read and wrote nothing.
+    """
+    if statement.startswith("EXPLAIN ") and not statement.startswith("EXPLAIN ANALYZE "):
+        return False
+    return precheck or cls in MUST_FAIL or cls == "tricks-file"
+
+
+def _sources(env: Env) -> tuple[dict, dict]:
+    return Store(env.root).sql_sources()
+
+
+def _answers(con: duckdb.DuckDBPyConnection) -> list:
+    return [con.execute(q).fetchall() for q in FIXED]
+
+
+def _sample(step: int) -> list[tuple[str, str]]:
+    """Every `step`-th statement of the battery, and every class at least once."""
+    picked = BATTERY[::step]
+    for cls in CLASSES:
+        if not any(c == cls for c, _ in picked):
+            picked.append(next(b for b in BATTERY if b[0] == cls))
+    return picked
+
+
+def test_hostile_battery_is_large():
+    assert len(BATTERY) > 150
+    for cls in CLASSES:
+        forms = [s for c, s in BATTERY if c == cls]
+        assert any(s.startswith("EXPLAIN ANALYZE ") for s in forms) or cls.startswith("tricks"), cls
+        assert any(s.startswith("EXPLAIN ") and not s.startswith("EXPLAIN ANALYZE") for s in forms) or cls.startswith(
+            "tricks"
+        ), cls
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_engine_refuses_hostile_class(in_work: Env, cls: str):
+    """Every statement straight on the engine, pre-check bypassed; nothing outside the engine changes.
+
+    A class runs statement after statement on one connection, so none may loosen the engine for the next
+    (what DDL does inside that database is checked not to reach the next query elsewhere).
+    """
+    env = in_work
+    sources, views = _sources(env)
+    other = connect(sources, views, 256)  # another session, opened before the attack
+    shared = Store(env.root)  # the dashboard's shared Store and its own connection
+    expected, expected_runs = _answers(other), shared.runs()
+    before = snapshot(env)
+    con = connect(sources, views, 256)
+    for _, template in (b for b in BATTERY if b[0] == cls):
+        statement = env.fill(template)
+        if expect_refusal(cls, template, precheck=False):
+            with pytest.raises(duckdb.Error):
+                con.execute(statement).fetchall()
+        else:
+            with contextlib.suppress(duckdb.Error):
+                con.execute(statement).fetchall()
+        assert dict(con.execute(SETTINGS_SQL).fetchall()) == LOCKED, statement
+        assert snapshot(env) == before, statement
+        assert not Path(env.fill("/tmp/stepx-sql-evil-{pid}.csv")).exists(), statement
+        assert other.execute(FIXED[0]).fetchall() == expected[0], statement
+    con.close()
+    assert _answers(other) == expected
+    assert shared.runs() == expected_runs
+
+
+def _check_process_battery(env: Env, picked: list[tuple[str, str]], through_store: bool) -> None:
+    store = Store(env.root)
+    sources, views = store.sql_sources()
+    other = Store(env.root)  # another session, opened before the attack
+    expected = [other.sql(q).rows for q in FIXED]
+    before = snapshot(env)
+    for cls, template in picked:
+        statement = env.fill(template)
+        try:
+            if through_store:
+                store.sql(statement, timeout_s=5)
+            else:
+                run_query(sources, views, statement, Limits(timeout_s=5), precheck=False)
+            assert not expect_refusal(cls, template, precheck=through_store), statement
+        except QueryError as exc:
+            message = str(exc)
+            assert "\n" not in message and 0 < len(message) < 400, message
+        assert snapshot(env) == before, statement
+    assert [other.sql(q).rows for q in FIXED] == expected
+    assert [store.sql(q).rows for q in FIXED] == expected
+
+
+def test_query_process_refuses_hostile_sample(in_work: Env):
+    """A sample of the battery through the query process with the pre-check bypassed."""
+    _check_process_battery(in_work, _sample(29), through_store=False)
+
+
+def test_console_refuses_hostile_sample(in_work: Env):
+    """A sample of the battery through Store.sql, the way the CLI and the dashboard call it."""
+    _check_process_battery(in_work, _sample(31), through_store=True)
+
+
+@pytest.mark.slow
+def test_hostile_battery_through_processes(in_work: Env):
+    """The whole battery through the query process (pre-check bypassed) and through Store.sql."""
+    _check_process_battery(in_work, BATTERY, through_store=False)
+    _check_process_battery(in_work, BATTERY, through_store=True)
+
+
+# -- isolation -----------------------------------------------------------------------------------------
+
+
+PROBE = (
+    "SELECT (SELECT list(prompt ORDER BY run_id) FROM runs) AS prompts, (SELECT count(*) FROM word_stats) AS stats, "
+    "lower('ABC') AS low, upper('abc') AS up, getvariable('v') AS v, (SELECT count(*) FROM duckdb_tables()) AS tabs, "
+    "(SELECT count(*) FROM duckdb_secrets()) AS secrets, current_database() AS db, current_schema() AS sch, "
+    "(SELECT count(*) FROM duckdb_functions() WHERE function_type = 'macro' AND NOT internal) AS macros"
+)
+
+
+def test_state_never_reaches_the_next_query(env: Env):
+    """State a statement creates in its own database (pre-check bypassed) is gone for the next query."""
+    store = Store(env.root)
+    other = Store(env.root)  # another session, opened before the attacks
+    sources, views = store.sql_sources()
+    expected = store.sql(PROBE).rows
+    assert expected[0][2:] == ("abc", "ABC", None, 0, 0, "memory", "main", 0)
+    attacks = [
+        "CREATE MACRO lower(x) AS 'phish'",
+        "CREATE OR REPLACE TEMP MACRO upper(x) AS 'phish'",
+        "CREATE OR REPLACE VIEW runs AS SELECT 'phish' AS prompt",
+        "DROP VIEW word_stats",
+        "CREATE TEMP TABLE t AS SELECT 1 AS x",
+        "CREATE TABLE kept AS SELECT 1 AS x",
+        "SET VARIABLE v = 'phish'",
+        "ATTACH ':memory:' AS m; CREATE TABLE m.t AS SELECT 1; USE m",
+        "CREATE SECRET h (TYPE http)",
+        "SET search_path = 'system'",
+    ]
+    for attack in attacks:
+        with contextlib.suppress(QueryError):
+            run_query(sources, views, attack, precheck=False)
+        assert store.sql(PROBE).rows == expected, attack
+    assert other.sql(PROBE).rows == expected
+    assert [store.sql(q).rows for q in FIXED] == [other.sql(q).rows for q in FIXED]
+    # the server path (the dashboard's threads) isolates the same way
+    run_query(sources, views, "CREATE MACRO lower(x) AS 'phish'", precheck=False, via="server")
+    assert run_query(sources, views, PROBE, via="server").rows == expected
+
+
+def test_dashboard_sessions_are_isolated(env: Env, monkeypatch: pytest.MonkeyPatch):
+    """Two browser sessions of the SQL page: what one submits never changes what the other sees."""
+    monkeypatch.setenv("STEPX_STORE", str(env.root))
+    page = str(ROOT / "dashboard" / "views" / "sql.py")
+    watcher, attacker = AppTest.from_file(page, default_timeout=30), AppTest.from_file(page, default_timeout=30)
+    query = "SELECT run_id, prompt, lower(prompt) AS low FROM runs ORDER BY run_id"
+    watcher.run()
+    watcher.text_area(key="sql_query").input(query).run()
+    watcher.button(key="sql_run").click().run()
+    seen = watcher.session_state["sql_result"].rows
+    assert len(seen) == 4
+    attacker.run()
+    for attack in [
+        "CREATE OR REPLACE VIEW runs AS SELECT 'phish' AS prompt",
+        "CREATE MACRO lower(x) AS '[x](http://phish)'",
+        "SELECT 1; DROP VIEW runs",
+        "EXPLAIN ANALYZE COPY runs TO 'evil.csv'",
+        "SELECT * FROM read_text('/etc/passwd')",
+    ]:
+        attacker.text_area(key="sql_query").input(attack).run()
+        attacker.button(key="sql_run").click().run()
+        assert not attacker.exception and attacker.error, attack
+    watcher.text_area(key="sql_query").input(query + " ").run()
+    watcher.button(key="sql_run").click().run()
+    assert watcher.session_state["sql_result"].rows == seen
+
+
+# -- limits --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT count(*) FROM range(100000000000) a, range(1000) b",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+        # one string function call: DuckDB's interrupt is not checked inside it (measured: 45 s)
+        "SELECT length(regexp_replace(repeat('ab', 100000000), 'a', 'c', 'g'))",
+    ],
+)
+def test_time_limit_holds_for_any_query(env: Env, query: str):
+    store = Store(env.root)
+    store.sql("SELECT 1")  # start-up is not part of the limit
+    t0 = time.perf_counter()
+    with pytest.raises(QueryError) as err:
+        store.sql(query, timeout_s=0.5)
+    elapsed = time.perf_counter() - t0
+    assert re.search(r"longer than 0.5 s.*'timeout_s' setting \(--timeout\)|'memory_limit_mb'", str(err.value))
+    assert elapsed < 0.5 + 2.5, elapsed
+    assert store.sql("SELECT count(*) FROM runs").rows == [(4,)]
+
+
+def test_memory_limit_names_its_setting(env: Env):
+    store = Store(env.root)
+    for query in ["SELECT length(repeat('x', 4000000000))", "SELECT list(range) FROM range(400000000)"]:
+        with pytest.raises(QueryError, match=r"more than 256 MB of memory.*'memory_limit_mb' setting"):
+            store.sql(query, memory_limit_mb=256, timeout_s=30)
+    assert store.sql("SELECT length(repeat('x', 100000000))", memory_limit_mb=256).rows == [(100000000,)]
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+    return total
+
+
+def _run_watched(cmd: list[str]) -> tuple[subprocess.Popen, str, float, int]:
+    """Run a command; (process, stderr, wall seconds, peak RSS of its process tree sampled every 10 ms)."""
+    peak = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - t0
+    return proc, proc.stderr.read().decode(), elapsed, peak
+
+
+def test_cli_string_builder_stops_fast_and_small(env: Env):
+    """The issue's command: one clear line, under 3 s (best of up to three runs), RSS under 2 GB every run."""
+    query = "SELECT length(repeat('x', 4000000000))"
+    cmd = [sys.executable, "-m", "stepx.cli", "sql", query, "--timeout", "1", "--store", str(env.root)]
+    times = []
+    for _ in range(3):
+        proc, err, elapsed, peak = _run_watched(cmd)
+        assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "'memory_limit_mb' setting (--memory-limit-mb)" in err, err
+        assert peak < 2 << 30, peak
+        times.append(elapsed)
+        if elapsed < 3.0:
+            break
+    assert min(times) < 3.0, times
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10 < 2 << 30
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--timeout", "0", "timeout_s must be between"),
+        ("--timeout", "-1", "timeout_s must be between"),
+        ("--timeout", "nan", "finite"),
+        ("--timeout", "inf", "finite"),
+        ("--timeout", "1e400", "finite"),
+        ("--timeout", "abc", "expected a number"),
+        ("--max-rows", "1e20", "expected a whole number"),
+        ("--max-rows", "100000000000000000000", "max_rows must be between"),
+        ("--max-rows", "0", "max_rows must be between"),
+        ("--memory-limit-mb", "0", "memory_limit_mb must be between"),
+        ("--memory-limit-mb", "lots", "expected a whole number"),
+    ],
+)
+def test_cli_rejects_bad_limits(env: Env, capsys: pytest.CaptureFixture, flag: str, value: str, needle: str):
+    assert stepx_main(["sql", "SELECT 1", "--store", str(env.root), f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and flag in err, err
+
+
+def test_api_rejects_bad_limits(env: Env):
+    store = Store(env.root)
+    for kwargs in [{"timeout_s": 0}, {"timeout_s": float("nan")}, {"timeout_s": float("inf")}, {"max_rows": 10**20}]:
+        with pytest.raises(SettingError, match="must be"):
+            store.sql("SELECT 1", **kwargs)
+    assert LIMITS["timeout_s"].default == Limits().timeout_s == 10.0
+
+
+# -- the friendly layer, the result shape, the page ------------------------------------------------------
+
+
+def test_precheck_gives_friendly_lines():
+    con = duckdb.connect()
+    cases = {
+        "DROP VIEW runs": "only SELECT",
+        "EXPLAIN ANALYZE COPY runs TO 'x.csv'": "only SELECT",
+        "EXPLAIN (FORMAT json) CREATE TABLE t AS SELECT 1": "only SELECT",
+        "/* hi */ COPY runs TO 'x'": "only SELECT",
+        "SELECT 1; SELECT 2": "one statement",
+        "": "empty",
+        "SELEC 1": "does not parse",
+    }
+    for query, needle in cases.items():
+        with pytest.raises(QueryError, match=needle):
+            check_statement(con, query)
+    for query in ["SELECT 1", "EXPLAIN SELECT 1", "EXPLAIN ANALYZE SELECT 1", "WITH t AS (SELECT 1) SELECT * FROM t"]:
+        assert check_statement(con, query) == query
+
+
+def test_results_shape(env: Env):
+    store = Store(env.root)
+    res = store.sql("SELECT * FROM range(5000)", max_rows=100)
+    assert isinstance(res, Results) and res.truncated and len(res.rows) == 100 and res.columns == ["range"]
+    assert res.elapsed_ms >= 0
+    res = store.sql(
+        "SELECT created_at, uuid() AS u, 1.5::DECIMAL(4, 2) AS d, [1, 2] AS l, {'a': 1} AS s, 'x'::BLOB AS b, "
+        "INTERVAL 3 DAY AS i FROM runs ORDER BY run_id LIMIT 1"
+    )
+    assert not res.truncated and res.rows[0][0].tzinfo is not None and res.rows[0][3:6] == ([1, 2], {"a": 1}, b"x")
+
+
+def test_examples_run(env: Env):
+    store = Store(env.root)
     for title, query in EXAMPLES.items():
         res = store.sql(query)
         assert res.columns, title
         assert res.rows, title
 
 
-def test_sql_page(store_dir, monkeypatch):
-    monkeypatch.setenv("STEPX_STORE", str(store_dir))
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "views" / "sql.py"))
+def test_sql_page(env: Env, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("STEPX_STORE", str(env.root))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "sql.py"), default_timeout=30)
     at.run()
     assert not at.exception
     at.button(key="sql_example_0").click().run()
@@ -124,3 +646,15 @@ def test_sql_page(store_dir, monkeypatch):
     at.text_area(key="sql_query").input("SELECT * FROM range(9000)").run()
     at.button(key="sql_run").click().run()
     assert any("Only the first 5000 rows" in w.value for w in at.warning)
+
+
+def test_readme_security_model_names_tests_and_settings():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Security model", 1)[1].split("\n## ", 1)[0]
+    for name in ("timeout_s", "max_rows", "memory_limit_mb"):
+        assert f"`{name}`" in section, name
+    here = Path(__file__).read_text()
+    named = set(re.findall(r"`(test_[a-z_]+)`", section))
+    assert named, "the section names the tests that check it"
+    for test in named:
+        assert f"def {test}(" in here, test
