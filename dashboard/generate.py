@@ -118,14 +118,18 @@ def elapsed(seconds: float | None) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def cancel(store: Path, job_id: int) -> None:
+    """Button callback: cancel a job, keeping the queue's one-line answer when it can't be cancelled."""
+    try:
+        queue.cancel(store, job_id)
+    except queue.JobError as exc:
+        st.session_state["cancel_error"] = str(exc)
+
+
 def cancel_button(store: Path, job: queue.Job) -> None:
     """Cancel a queued or running job (a running one stops at its worker's next step)."""
-    if st.button("Cancel", key=f"cancel_{job.job_id}", help="Stop this job; a running one stops at its next step"):
-        try:
-            queue.cancel(store, job.job_id)
-        except queue.JobError as exc:
-            st.session_state["cancel_error"] = str(exc)
-        st.rerun(scope="fragment")
+    st.button("Cancel", key=f"cancel_{job.job_id}", on_click=cancel, args=(store, job.job_id),
+              help="Stop this job; a running one stops at its next step")  # fmt: skip
 
 
 def job_line(job: queue.Job) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dashboard.canvas import click_to_pixel, last_object, path_to_points, rect_to_box
@@ -30,3 +31,17 @@ def test_last_object_and_paths():
             "points": [{"x": 0, "y": 0}, {"x": 10, "y": 0}, {"x": 0, "y": 10}]}  # fmt: skip
     assert path_to_points(poly, (20, 20), (20, 20)) == [(5, 5), (15, 5), (5, 15)]
     assert last_object({}, ("rect",)) is None
+
+
+def test_fabric_polygon_as_drawn_and_as_moved():
+    """Fabric 6 keeps a polygon's points as drawn and places it by its box (left/top = corner minus half
+    the stroke, pathOffset = points' box centre): the corners come back where they were clicked."""
+    clicked = [(30, 30), (200, 40), (120, 200)]
+    drawn = {"type": "Polygon", "left": 29, "top": 29, "width": 170, "height": 170, "strokeWidth": 2,
+             "scaleX": 1, "scaleY": 1, "pathOffset": {"x": 115, "y": 115},
+             "points": [{"x": x, "y": y} for x, y in clicked]}  # fmt: skip
+    assert np.allclose(path_to_points(drawn, (384, 384), (384, 384)), clicked)
+    on_image = path_to_points(drawn, (384, 384), (64, 64))
+    assert np.allclose(on_image, [(5, 5), (200 / 6, 40 / 6), (20, 200 / 6)])
+    moved = {**drawn, "left": 29 + 50, "top": 29 - 10}
+    assert np.allclose(path_to_points(moved, (384, 384), (384, 384)), [(x + 50, y - 10) for x, y in clicked])

@@ -37,16 +37,16 @@ def open_inspect(at: AppTest, run_id: str) -> AppTest:
 def test_gallery_lists_filters_and_opens_runs(traced_store, monkeypatch):
     root, traces = traced_store
     at = app(root, monkeypatch)
-    prompts = [m.value for m in at.markdown]
-    assert "**a red circle on the left and a blue square**" in prompts
-    assert "**a photorealistic green triangle**" in prompts
+    prompts = [t.value for t in at.text]
+    assert "a red circle on the left and a blue square" in prompts
+    assert "a photorealistic green triangle" in prompts
     at.text_input(key="gallery_text").input("triangle").run()
-    assert [m.value for m in at.markdown if m.value.startswith("**")] == ["**a photorealistic green triangle**"]
+    assert [t.value for t in at.text] == ["a photorealistic green triangle"]
     assert any("1 of 2 runs" in c.value for c in at.caption)
     at.button(key=f"open_{traces[1].run['run_id']}").click().run()
     assert not at.exception
     assert at.title[0].value == "Generate & Inspect"
-    assert any(traces[1].run["prompt"] in m.value for m in at.markdown)
+    assert traces[1].run["prompt"] in [t.value for t in at.text]
 
 
 def test_inspect_word_step_alpha(traced_store, monkeypatch):
@@ -95,17 +95,52 @@ def test_export_all_zip_matches_store(traced_store):
     tokens, maps = store.token_maps(rid)
     assert len(tokens) == 11 and maps.shape == (4, 11, 32, 32)
     pngs = {n for n in names if n.startswith("maps/")}
-    assert len(pngs) == 4 * 11 and "maps/step-000/token-03-circle.png" in pngs
+    assert (
+        len(pngs) == 4 * 11
+        and "maps/step-001/token-03-circle.png" in pngs
+        and "maps/step-004/token-03-circle.png" in pngs
+    )
+    assert not any("step-000" in n for n in names)  # steps are 1-based, as on the slider
+    assert len({n for n in names if n.startswith("overlays/")}) == 4 * 11
+    for name in ("maps/step-002/token-03-circle.png", "overlays/step-002/token-03-circle.png"):
+        assert _png(zf.read(name)).size == (512, 512)  # the display size, not the 64 px image
     assert {n for n in names if n.startswith("gifs/")} == {f"gifs/token-{n}" for n in _gif_names(store, rid)}
     assert {"values.csv", "run.json", "final.png", "README.txt"} <= names
+    arr = np.load(io.BytesIO(zf.read("arrays/token-03-circle.npy")))
+    assert arr.shape == (4, 32, 32) and arr.dtype == np.float32
+    assert np.allclose(arr, maps[:, tokens.index(3)])
+    # The colour PNG is the bicubic-upsampled value (schema.maps.upsample) through the colormap.
+    from dashboard.render import colorize
+    from schema.maps import upsample
+
+    circle = maps[:, tokens.index(3)]
+    want = colorize(np.clip(upsample(circle[1], 512, 512) / circle.max(), 0, 1), "inferno")
+    assert np.array_equal(np.asarray(_png(zf.read("maps/step-002/token-03-circle.png"))), want)
     rows = list(csv.DictReader(io.StringIO(zf.read("values.csv").decode())))
-    assert len(rows) == 4 * 11 * 32 * 32
-    pick = [r for r in rows if r["step"] == "2" and r["token"] == "3" and r["y"] == "5" and r["x"] == "7"]
+    assert len(rows) == 4 * 11 * 32 * 32 and {r["step"] for r in rows} == {"1", "2", "3", "4"}
+    pick = [r for r in rows if r["step"] == "3" and r["token_index"] == "3" and r["y"] == "5" and r["x"] == "7"]
     assert len(pick) == 1 and pick[0]["word"] == "circle"
     assert abs(float(pick[0]["value"]) - maps[2, tokens.index(3), 5, 7]) < 1e-5 * max(1, maps.max())
+    readme = zf.read("README.txt").decode()
+    for column in ("run_id", "step", "token_index", "word", "y, x", "value"):
+        assert column in readme
+    assert "1 = first (noisiest)" in readme
     meta = json.loads(zf.read("run.json"))
     assert meta["run_id"] == rid and meta["prompt"] == traces[0].run["prompt"]
     assert np.array_equal(np.asarray(_png(zf.read("final.png"))), np.asarray(traces[0].final))
+
+
+def test_coco_zip_holds_its_images(traced_store):
+    from analysis.titan import coco_for_runs
+    from dashboard.export import coco_zip
+
+    root, traces = traced_store
+    store = Store(root)
+    rid = traces[0].run["run_id"]
+    zf = zipfile.ZipFile(io.BytesIO(coco_zip(store, coco_for_runs(store, [rid]))))
+    doc = json.loads(zf.read("annotations.json"))
+    for image in doc["images"]:
+        assert zf.read(f"images/{image['file_name']}") == store.image(image["stepx_run_id"])[0]
 
 
 def _gif_names(store: Store, rid: str) -> list[str]:
@@ -152,7 +187,8 @@ def test_deleted_run_files_and_unknown_word(traced_store, tmp_path, monkeypatch)
     fresh.query_params["word"] = "dog"
     fresh.run()
     assert not fresh.exception
-    assert any("'dog' is not a word" in w.value for w in fresh.warning)
+    assert any("not a word of this prompt" in w.value for w in fresh.warning)
+    assert "dog" in [c.value for c in fresh.code]  # the asked word, shown as text
     assert "Global" in fresh.get("image")[0].proto.imgs[0].caption
 
 

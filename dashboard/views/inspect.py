@@ -29,7 +29,8 @@ def word_picker(words: list[Word]) -> str | int:
         if match:
             st.session_state["inspect_word"] = match[0]
         else:
-            st.warning("The word asked for in the address is not a word of this prompt; showing Global.")
+            st.warning("The word asked for in the address (below) is not a word of this prompt; showing Global.")
+            st.code(asked[:200], language=None)
     hidden = [w for w in words if not is_content(w.word)]
     show_all = bool(hidden) and st.toggle(
         f"Show function words and punctuation ({len(hidden)})", key="inspect_all_words",
@@ -41,7 +42,7 @@ def word_picker(words: list[Word]) -> str | int:
     for w in shown:
         counts[w.word.casefold()] = counts.get(w.word.casefold(), 0) + 1
     names = {
-        w.word_index: plain(w.word if counts[w.word.casefold()] == 1 else f"{w.word} (word {w.word_index + 1})")
+        w.word_index: plain(w.word) + ("" if counts[w.word.casefold()] == 1 else f" (word {w.word_index + 1})")
         for w in shown
     }
     options: list[str | int] = [GLOBAL] + [w.word_index for w in shown]
@@ -149,7 +150,10 @@ def body() -> None:
 
 def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int, int]) -> None:
     """The optional depth companion: near/far structure of the final image, beside the attention."""
-    with st.expander("Depth companion (scene structure, not attention)"):
+    panel = st.expander("Depth companion (scene structure, not attention)", key="depth_panel", on_change="rerun")
+    with panel:
+        if not panel.open:  # the model list (a subprocess) is asked for only once the panel is opened
+            return
         st.caption(
             "A separate depth estimate of the final image, to compare what the model attended to with what is "
             "near and far. It is not an attention map."
