@@ -40,8 +40,12 @@ model: setup
 PORT ?= 8501
 
 demo: setup
-	$(BIN)/stepx gallery build
-	@echo "StepX dashboard: http://localhost:$(PORT)  (a generation worker runs beside it)"
-	$(BIN)/stepx worker & worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
+	@echo "StepX dashboard: http://localhost:$(PORT)  (the curated gallery builds behind it: its progress is on the"
+	@echo "Gallery page and runs appear as they finish; a generation worker runs beside it)"
+	@mkdir -p "$${STEPX_STORE:-data/store}/logs"
 	$(BIN)/streamlit run dashboard/app.py --server.headless true --server.port $(PORT) \
-		--browser.gatherUsageStats false
+		--browser.gatherUsageStats false & dash=$$!; \
+	trap 'kill $$dash $$gallery $$worker 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/stepx gallery build 2>"$${STEPX_STORE:-data/store}/logs/gallery-build.log" & gallery=$$!; \
+	$(BIN)/stepx worker & worker=$$!; \
+	wait $$dash
