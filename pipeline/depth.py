@@ -112,8 +112,8 @@ def load_depth_model(name: str = "zoedepth", path: str | Path | None = None, dev
 def _zoedepth_processor(**config: object) -> object:
     """ZoeDepth's image processor built in-process, on the backend that needs no torchvision.
 
-    transformers >= 5.3 names that backend `ZoeDepthImageProcessorPil`; earlier 5.x releases call the same
-    numpy/PIL implementation `ZoeDepthImageProcessor` (and the torchvision one `...Fast`).
+    transformers >= 5.4 names that backend `ZoeDepthImageProcessorPil`; 5.0-5.3 call their numpy/PIL
+    implementation `ZoeDepthImageProcessor` (and the torchvision one `...Fast`).
     """
     import transformers
 

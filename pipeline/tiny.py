@@ -31,7 +31,11 @@ LAYOUTS = ("tiny", "sd15", "sd21", "sdxl")
 
 
 def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """CLIP's real BPE tokenizer from the committed vocab (SD 1.5 pads with the end token)."""
+    """CLIP's real BPE tokenizer from the committed vocab (SD 1.5 pads with the end token).
+
+    The one CLIP tokenizer setup (tiny pipelines, the embedded model, bench). transformers 5 takes the files as
+    `vocab=`/`merges=`; its `vocab_file=`/`merges_file=` are silently ignored (a 3-token vocab), hence the floor.
+    """
     return CLIPTokenizer(
         vocab=str(CLIP_VOCAB_DIR / "vocab.json"),
         merges=str(CLIP_VOCAB_DIR / "merges.txt"),
