@@ -133,7 +133,9 @@ def test_corrupt_truncated_deleted_and_newer_runs_are_isolated(tmp_path, monkeyp
     store = Store(tmp_path)
     assert {r["run_id"] for r in store.runs()} == {truncated, good}
     assert store.bad_runs().keys() == {corrupt, newer}
-    assert store.sql("SELECT count(DISTINCT run_id) FROM cross_attention").rows == [(3,)]  # truncated file left out
+    # raw views read indexed runs only (truncated, good), and leave the truncated file out: bad runs stay invisible
+    assert store.sql("SELECT list(DISTINCT run_id) FROM cross_attention").rows == [([good],)]
+    assert store.sql("SELECT count(DISTINCT run_id) FROM images").rows == [(2,)]
     assert list(store.unreadable_files()) == [f"runs/{truncated}/cross_attention.parquet"]
     monkeypatch.setenv("STEPX_STORE", str(tmp_path))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
