@@ -39,7 +39,7 @@ from analysis.detection import DAAM_ALONE, GUIDED, METHODS, detect, guided_map
 from analysis.metrics import box_iou, mask_box, mask_iou, otsu_mask
 from pipeline.index import write_atomic
 from schema.maps import daam_threshold, upsample
-from shapes import scenes
+from shapes import splits
 from shapes.check import check_image
 from shapes.scenes import COLOURS, POSITIONS, SHAPES, Scene, parse_caption
 from store import Store
@@ -296,8 +296,8 @@ def evaluate(
     from pipeline.models import load_model
     from pipeline.trace_writer import write_trace
 
-    suite = scenes.suite(split, n)  # raises ValueError for an unknown split or size
-    seed_lists = [scenes.noise_seeds(split, i, seeds) for i in range(n)]
+    suite = splits.suite(split, n)  # raises ValueError for an unknown split or size
+    seed_lists = [splits.noise_seeds(split, i, seeds) for i in range(n)]
     model = load_model(model_name)
     store = Store(root)
     run_ids: list[str] = []

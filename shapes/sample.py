@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from analysis.metrics import mask_iou, otsu_mask
 from schema.maps import DEFAULT_AGGREGATION, combine_levels, daam_threshold, level_label, level_weights, upsample
-from shapes import scenes
+from shapes import splits
 from shapes.card import write_card
 from shapes.check import check_objects
 from shapes.config import Config, TrainState
@@ -124,7 +124,7 @@ def evaluate(
     steps: int = 20,
 ) -> dict[str, Any]:
     """Scores on the validation split (never the test split): object checks, shape-noun word-map IoU."""
-    suite = scenes.validation_suite(n, size=vae.config.sample_size)
+    suite = splits.validation_suite(n, size=vae.config.sample_size)
     keys = ("present", "colour_ok", "region_ok", "objects_correct", "shape_ok")
     keys += ("miou_daam", "miou_otsu", "miou_uniform", "mass_in", "miou_daam_correct")
     flags: dict[str, list[float]] = {k: [] for k in keys}
@@ -133,7 +133,7 @@ def evaluate(
     for lo in range(0, n, chunk):
         part = suite[lo : lo + chunk]
         prompts = [s.caption for s in part]
-        seed = scenes.noise_seeds("validation", lo, 1)[0]  # the chunk's noise, from validation's seeds
+        seed = splits.noise_seeds("validation", lo, 1)[0]  # the chunk's noise, from validation's seeds
         images, maps = generate_with_maps(unet, text, vae, sf, tokenizer, prompts, guidance, steps, seed=seed)
         for scene, image, wmap in zip(part, images, maps, strict=True):
             checks = check_objects(image, [o.spec for o in scene.objects])

@@ -129,7 +129,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.models import ModelNotFoundError
     from shapes.evaluate import evaluate, update_card, write_report
-    from shapes.scenes import check_suite
+    from shapes.splits import check_suite
 
     if args.card and args.split != "test":
         raise CliError("stepx eval: --card takes test-split numbers only (drop --split validation)", 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.models import EMBEDDED_DIR
-from shapes import scenes
+from shapes import splits
 from shapes.evaluate import WORD_CLASSES, EvalReport, bootstrap_mean, update_card
 from stepx.cli import main
 from store import Store
@@ -26,7 +26,7 @@ def test_stepx_eval_scores_the_test_split_with_several_seeds_per_scene(tmp_path,
     args = ["eval", "--store", str(tmp_path / "store"), "--n", "2", "--seeds", "2", "--steps", "4", "--out", str(out)]
     assert main([*args, "--card", str(card)]) == 0
     report = json.loads(out.read_text())
-    suite = scenes.suite("test", 2)
+    suite = splits.suite("test", 2)
     assert report["split"] == "test" and report["seeds"] == 2 and len(report["run_ids"]) == 4
     assert report["objects"]["correct"]["n"] == 2 * sum(len(s.objects) for s in suite) == 6
     assert report["images"]["clean"]["n"] == 4
@@ -47,10 +47,10 @@ def test_stepx_eval_scores_the_test_split_with_several_seeds_per_scene(tmp_path,
     assert sorted(r["run_id"] for r in runs) == sorted(report["run_ids"]) and {r["gallery"] for r in runs} == {
         "eval-test"
     }
-    by_prompt = {s.caption: set(scenes.noise_seeds("test", i, 2)) for i, s in enumerate(suite)}
+    by_prompt = {s.caption: set(splits.noise_seeds("test", i, 2)) for i, s in enumerate(suite)}
     assert {r["prompt"] for r in runs} == set(by_prompt)
     for r in runs:
-        assert r["seed"] in by_prompt[r["prompt"]] and r["seed"] in scenes.TEST_SEEDS
+        assert r["seed"] in by_prompt[r["prompt"]] and r["seed"] in splits.TEST_SEEDS
     assert "**Test split**: model shapes, 2 scenes x 2 noise seeds = 4 images" in capsys.readouterr().out
     text = card.read_text()
     assert "Not run yet" not in text and text.count("| shape noun | 6 |") == 1

@@ -1,5 +1,5 @@
 """The embedded model's data and judge: procedural scenes, captions, the held-out combinations, the
-validation and test splits, the image checker that `stepx eval` uses, and the grounding loss of the
+validation and test splits (shapes/splits.py), the image checker that `stepx eval` uses, and the grounding loss of the
 training recipe."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from analysis.metrics import mask_iou
-from shapes import scenes
+from shapes import scenes, splits
 from shapes.check import check_image, check_objects, find_components
-from shapes.scenes import HELDOUT, ObjectSpec, parse_caption, render, training_scene, validation_suite
+from shapes.scenes import HELDOUT, ObjectSpec, parse_caption, render, training_scene
+from shapes.splits import validation_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +56,8 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
     for seed in range(400):
         for obj in training_scene(seed).objects:
             assert (obj.spec.colour, obj.spec.shape, obj.position) not in HELDOUT
-    for split in scenes.SPLITS:
-        suite = scenes.suite(split, 12)
+    for split in splits.SPLITS:
+        suite = splits.suite(split, 12)
         assert [len(s.objects) for s in suite] == [1, 2, 3] * 4
         for s in suite:
             assert any((o.spec.colour, o.spec.shape, o.position) in HELDOUT for o in s.objects)
@@ -64,35 +65,35 @@ def test_heldout_combinations_never_train_and_every_eval_scene_has_one():
 
 
 def test_validation_and_test_splits_share_no_scene_and_no_seed():
-    val, test = scenes.suite("validation", scenes.MAX_SUITE), scenes.suite("test", scenes.MAX_SUITE)
+    val, test = splits.suite("validation", splits.MAX_SUITE), splits.suite("test", splits.MAX_SUITE)
     assert [s.caption for s in val[:24]] == [s.caption for s in validation_suite(24)]  # training's own split
-    val_keys, test_keys = {scenes.scene_key(s) for s in val}, {scenes.scene_key(s) for s in test}
+    val_keys, test_keys = {splits.scene_key(s) for s in val}, {splits.scene_key(s) for s in test}
     assert len(test_keys) == len(test) and not val_keys & test_keys
     # Multi-object test prompts are new text; one-object captions (only eight exist) differ in layout.
     multi = {s.caption for s in val if len(s.objects) > 1}
     assert not any(s.caption in multi for s in test if len(s.objects) > 1)
     assert len({s.caption for s in test if len(s.objects) == 1}) <= len(HELDOUT)
-    most = scenes.SEEDS_PER_SCENE
-    val_seeds = {x for i in range(len(val)) for x in scenes.noise_seeds("validation", i, most)}
-    test_seeds = {x for i in range(len(test)) for x in scenes.noise_seeds("test", i, most)}
+    most = splits.SEEDS_PER_SCENE
+    val_seeds = {x for i in range(len(val)) for x in splits.noise_seeds("validation", i, most)}
+    test_seeds = {x for i in range(len(test)) for x in splits.noise_seeds("test", i, most)}
     assert len(test_seeds) == len(test) * most and not val_seeds & test_seeds
-    assert val_seeds <= set(scenes.VALIDATION_SEEDS) and test_seeds <= set(scenes.TEST_SEEDS)
+    assert val_seeds <= set(splits.VALIDATION_SEEDS) and test_seeds <= set(splits.TEST_SEEDS)
     assert max(test_seeds) < 2**31  # a seed every generation path accepts
     assert (
-        scenes.noise_seeds("test", 3, 2) == scenes.noise_seeds("test", 3, 5)[:2]
+        splits.noise_seeds("test", 3, 2) == splits.noise_seeds("test", 3, 5)[:2]
     )  # more seeds extend, never reshuffle
-    for bad in (("train", 1, 1), ("test", 0, 1), ("test", scenes.MAX_SUITE + 1, 1), ("test", 1, most + 1)):
+    for bad in (("train", 1, 1), ("test", 0, 1), ("test", splits.MAX_SUITE + 1, 1), ("test", 1, most + 1)):
         with pytest.raises(ValueError):
-            scenes.check_suite(*bad)
+            splits.check_suite(*bad)
 
 
 def test_only_the_evaluator_reaches_the_test_split():
     """Training code (everything under shapes/ but the evaluator) never names the test split or its seeds."""
     names = re.compile(r"""TEST_SEEDS|_TEST_STREAM|_test_split|["']test["']""")
     sources = sorted((ROOT / "shapes").rglob("*.py"))
-    assert {p.name for p in sources} >= {"scenes.py", "evaluate.py", "check.py"}
+    assert {p.name for p in sources} >= {"scenes.py", "splits.py", "evaluate.py", "check.py"}
     users = {p.relative_to(ROOT).as_posix() for p in sources if names.search(p.read_text(encoding="utf-8"))}
-    assert users == {"shapes/scenes.py", "shapes/evaluate.py"}
+    assert users == {"shapes/splits.py", "shapes/evaluate.py"}
     elsewhere = [
         p
         for folder in ("pipeline", "jobs", "dashboard", "analysis", "schema", "store", "stepx")
