@@ -371,6 +371,9 @@ def _rebuild_locked(root: Path) -> tuple[Manifest, int]:
 def rebuild_index(root: Path) -> RebuildReport:
     """Recreate the index from the run folders alone (never needs the old manifest); clean leftovers."""
     t0 = time.perf_counter()
+    for d in (index_dir(root), tmp_dir(root)):  # damage no lock file can live in: a file where a folder goes
+        if (d.exists() or d.is_symlink()) and not d.is_dir():
+            d.unlink()
     with writer_lock(root):
         upgraded, refused = upgrade_runs(root)
         m, swept = _rebuild_locked(root)

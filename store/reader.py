@@ -72,9 +72,13 @@ class SelfAttention:
 
 
 def open_sandboxed(root: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that may read only the store's runs and index folders, config locked."""
+    """The Store's own connection (fixed SQL only): reads the store's runs and index folders, config locked.
+
+    A user's SQL never runs here; `Store.sql` gives each query its own sandbox (store/sql.py).
+    """
     con = duckdb.connect(":memory:")
     allowed = [str(runs_dir(root).resolve()) + "/", str(index_dir(root).resolve()) + "/"]
+    con.execute("SET allowed_paths = []")  # DuckDB's default allows ':memory:*' files in the cwd
     con.execute("SET allowed_directories = ?", [allowed])
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
@@ -140,6 +144,8 @@ class Store:
             st = (index_dir(self.root) / MANIFEST).stat()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # index/ is a file, or unreadable: _load_manifest says the index is damaged
+            return ("unreadable", str(exc))
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _damaged(self, why: str) -> IndexDamaged:

@@ -273,6 +273,7 @@ DAMAGE = {
     "deleted segment": lambda r: _segment(r, "tokens").unlink(),
     "foreign segment": lambda r: _copy_segment(r, "tokens", "runs"),
     "text segment": lambda r: _segment(r, "word_step_stats").write_text("hello"),
+    "index is a file": lambda r: (shutil.rmtree(r / "index"), (r / "index").write_text("x")),
     "manifest folder": lambda r: ((r / "index" / "manifest.json").unlink(), (r / "index" / "manifest.json").mkdir()),
 }
 
