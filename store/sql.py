@@ -358,7 +358,11 @@ def _serve(fd: int) -> None:
 
 
 class _Server:
-    """The parent's handle on the query server: started on first use, restarted if it died."""
+    """The parent's handle on the query server: started on first use, restarted if it died.
+
+    Not multiprocessing's forkserver: its children re-run the caller's `__main__` (Streamlit's, pytest's)
+    before each query, and it can't be told not to.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

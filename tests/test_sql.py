@@ -445,6 +445,9 @@ def test_state_never_reaches_the_next_query(env: Env):
         "ATTACH ':memory:' AS m; CREATE TABLE m.t AS SELECT 1; USE m",
         "CREATE SECRET h (TYPE http)",
         "SET search_path = 'system'",
+        "ATTACH ':memory:' AS m2; USE m2; DETACH memory",
+        "PRAGMA threads = 1",
+        "SET threads = 1",
     ]
     for attack in attacks:
         with contextlib.suppress(QueryError):
