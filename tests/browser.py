@@ -99,3 +99,51 @@ def browser_page(executable: str) -> Iterator[object]:
 def screenshot(page: object, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@contextmanager
+def worker(store: Path, limit_s: float = 300.0) -> Iterator[subprocess.Popen]:
+    """`stepx worker` on a store beside the dashboard, stopped on exit (and killed after `limit_s` at most)."""
+    env = {**os.environ, "STEPX_STORE": str(store), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.3"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    started = time.time()
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(max(1.0, min(15.0, limit_s - (time.time() - started))))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def annotated_screenshot(page: object, path: Path, marks: list[object], width: int = 960) -> Path:
+    """A screenshot of the page with numbered boxes around `marks` (Playwright locators), saved small.
+
+    Numbers follow the order of `marks`, matching the numbered list under each screenshot in the Guide.
+    """
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from dashboard.render import font
+
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    draw = ImageDraw.Draw(shot)
+    big = font(26)
+    for n, mark in enumerate(marks, 1):
+        box = mark.bounding_box()
+        if box is None:
+            continue
+        x, y = box["x"] + page.evaluate("window.scrollX"), box["y"] + page.evaluate("window.scrollY")
+        draw.rectangle([x - 4, y - 4, x + box["width"] + 4, y + box["height"] + 4], outline=(255, 64, 129), width=4)
+        cx, cy = max(18, x - 4), max(18, y - 4)
+        draw.ellipse([cx - 18, cy - 18, cx + 18, cy + 18], fill=(255, 64, 129))
+        draw.text((cx, cy), str(n), fill="white", font=big, anchor="mm")
+    scale = width / shot.width
+    small = shot.resize((width, round(shot.height * scale)), Image.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small.quantize(96, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+    return path
