@@ -3,19 +3,22 @@
     from store.sql import Limits, Source, run_query
     run_query({"runs": Source(files, schema)}, {}, "SELECT count(*) FROM runs", Limits())
 
-Every query gets a new, empty, in-memory DuckDB in a new child process (forked from a preloaded
-server, about 0.1 s), and both are thrown away afterwards, so nothing a statement creates, replaces,
-drops or sets is ever seen by another query, session or user. Layers, outermost first:
+Every query gets a new, empty, in-memory DuckDB in a new child process (forked from the caller when
+nothing else runs there, as in the CLI, else from a small preloaded server, as for the dashboard's
+threads), and both are thrown away afterwards, so nothing a statement creates, replaces, drops or sets
+is ever seen by another query, session or user. Layers, innermost first:
 
 1. The engine (`connect`): the store's tables are registered as Arrow datasets, read by pyarrow, so
-   DuckDB itself needs no file access and gets none: external access off (every file read or write
-   from SQL is refused: COPY, EXPORT/IMPORT, ATTACH of a file, read_*, glob, INSTALL, LOAD from disk),
-   no temp directory (nothing spills, nothing to read back), extensions neither installed nor loaded
-   on their own, no persistent secrets, memory_limit and threads set, and the configuration locked
-   (SET/RESET/PRAGMA of a setting is refused).
-2. The process (`_confine`, `run_query`): a data-size limit catches memory DuckDB does not account
-   for (string builders such as `repeat('x', 4000000000)`), a file-size limit of 0 bytes means no
-   file can grow, and the process is killed at the time limit, whatever it is doing.
+   DuckDB itself needs no file access and gets none: external access off with no allowed directories
+   or paths (every file read or write from SQL is refused: COPY, EXPORT/IMPORT, ATTACH of a file,
+   read_*, glob, INSTALL, LOAD from disk), no temp directory (nothing spills, nothing to read back),
+   extensions neither installed nor loaded on their own, no persistent secrets, memory_limit and
+   threads set, and the configuration locked (SET/RESET/PRAGMA of a setting is refused); the settings
+   are read back, and a DuckDB that reports others is not used.
+2. The process (`_query_process`, `run_query`): a data-size limit catches memory DuckDB does not
+   account for (string builders such as `repeat('x', 4000000000)`), a file-size limit of 0 bytes means
+   no file can grow, it works in a removed folder, and the kernel ends it at the time limit, whatever
+   it is doing (DuckDB's interrupt is not checked inside one function call).
 3. The friendly early refusal (`check_statement`): one SELECT (or EXPLAIN of one) at a time. A
    courtesy with a clear message, not the boundary: tests run every hostile statement without it.
 """
@@ -349,7 +352,11 @@ def _serve(fd: int) -> None:
             os.close(extra)
         if not fds:
             continue
-        if os.fork() == 0:
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1  # no process to spare: closing the socket tells the caller
+        if pid == 0:
             control.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _query_process(fds[0])
@@ -370,6 +377,8 @@ class _Server:
         self._control: socket.socket | None = None
 
     def _start(self) -> None:
+        if self._control is not None:
+            self._control.close()
         mine, theirs = socket.socketpair()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds the `store` package
         code = f"import sys; sys.path.insert(0, {root!r}); from store.sql import _serve; _serve({theirs.fileno()})"
@@ -476,7 +485,7 @@ def run_query(
         if answer is None:
             raise QueryError(_timeout_message(limits))
         return _answer(answer)
-    except EOFError:
+    except (EOFError, OSError):  # it died before reading the request or answering it
         raise QueryError("the query process stopped before it was ready; try again") from None
     finally:
         conn.close()
