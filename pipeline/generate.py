@@ -50,6 +50,7 @@ class GenerationConfig:
     height: int | None = None
     tags: list[str] = field(default_factory=list)
     gallery: str | None = None
+    true_cfg: float = 1.0  # FLUX.1 only: true classifier-free guidance with the negative prompt when > 1
 
     def resolved(self, model: LoadedModel) -> GenerationConfig:
         """A copy with the model's defaults filled in, validated."""
@@ -64,8 +65,10 @@ class GenerationConfig:
             height=spec.size if self.height is None else int(self.height),
             tags=list(self.tags),
             gallery=self.gallery,
+            true_cfg=float(self.true_cfg),
         )
-        validate(cfg, model.pipe.vae_scale_factor, spec.name, model.pipe.scheduler)
+        patch = 2 if getattr(model.pipe, "transformer", None) is not None else 1  # DiTs: 2x2 latent patches
+        validate(cfg, model.pipe.vae_scale_factor * patch, spec.name, model.pipe.scheduler)
         return cfg
 
 
@@ -93,6 +96,8 @@ def validate(cfg: GenerationConfig, vae_factor: int = 8, model: str | None = Non
 
 def check_scheduler_steps(scheduler: object, steps: int) -> None:
     """Raise GenerationError when `steps` runs past the scheduler's table of training timesteps."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return  # flow matching (SD3, Flux) samples continuous sigmas: any step count fits
     table = int(scheduler.config.num_train_timesteps)
     fresh = type(scheduler).from_config(scheduler.config)  # set_timesteps mutates: probe a copy
     try:
@@ -205,6 +210,10 @@ def generate_trace(
     t_start = time.perf_counter()
     cfg = config.resolved(model)
     pipe = model.pipe
+    if getattr(pipe, "transformer", None) is not None:  # SD3 / Flux: joint attention, block bands
+        from pipeline.generate_dit import generate_dit_trace
+
+        return generate_dit_trace(model, cfg, on_step, check_sums, t_start)
     tokens, truncated = prompt_tokens(pipe.tokenizer, cfg.prompt)
     tag_tokens(tokens, cfg.prompt)  # TITAN's object nouns, stored so the read side never loads a tagger
     vae_factor = pipe.vae_scale_factor

@@ -30,12 +30,13 @@ class ModelSpec:
     name: str
     title: str
     repo_ids: tuple[str, ...] = ()  # Hugging Face ids looked up in the local cache, in order
-    kind: str = "sd"  # 'sd' (one text encoder) or 'sdxl' (two text encoders + size conditioning)
+    kind: str = "sd"  # 'sd' (one text encoder), 'sdxl' (two + size conditioning), 'sd3' or 'flux' (transformers)
     size: int = 512  # default square image size
     steps: int = 30
     guidance: float = 7.5
     builtin: str | None = None  # 'embedded' or a tiny layout name for in-process models
     note: str = ""
+    text_length: int = 256  # DiTs: T5 positions (max_sequence_length); SD3 and FLUX.1-schnell take 256, dev 512
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -67,6 +68,28 @@ REGISTRY: dict[str, ModelSpec] = {
             guidance=5.0,
         ),
         ModelSpec(
+            "sd3",
+            "Stable Diffusion 3 medium / 3.5 (diffusion transformer)",
+            (
+                "stabilityai/stable-diffusion-3.5-medium",
+                "stabilityai/stable-diffusion-3-medium-diffusers",
+                "stabilityai/stable-diffusion-3.5-large",
+            ),
+            kind="sd3",
+            size=1024,
+            steps=28,
+            guidance=7.0,  # the model cards' defaults
+        ),
+        ModelSpec(
+            "flux",
+            "FLUX.1 schnell / dev (diffusion transformer)",
+            ("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"),
+            kind="flux",
+            size=1024,
+            steps=4,  # schnell's card; dev wants ~28 steps at guidance 3.5
+            guidance=0.0,  # schnell is guidance-distilled without a guidance input
+        ),
+        ModelSpec(
             "shapes",
             "StepX shapes (embedded, trained on drawn scenes)",
             size=64,
@@ -83,6 +106,20 @@ REGISTRY: dict[str, ModelSpec] = {
             guidance=3.0,
             builtin="tiny",
             note="random weights built in-process",
+        ),
+        *(
+            ModelSpec(
+                f"tiny-{layout}",
+                f"Tiny random {title} (tests; shows noise)",
+                kind="flux" if layout == "flux" else "sd3",
+                size=32,
+                steps=4,
+                guidance=1.0 if layout == "flux" else 3.0,
+                builtin=f"dit-{layout}",
+                note="random weights built in-process",
+                text_length=32,
+            )
+            for layout, title in (("sd3", "SD3"), ("sd35", "SD3.5-layout DiT"), ("flux", "FLUX.1"))
         ),
     ]
 }
@@ -210,17 +247,24 @@ def load_model(
     from diffusers.utils import logging as diffusers_logging
 
     from pipeline.tiny import build_tiny_pipeline
+    from pipeline.tiny_dit import build_tiny_dit
 
     diffusers_logging.disable_progress_bar()  # loading bars would break one-line CLI output
     transformers.utils.logging.disable_progress_bar()
 
     spec = get_spec(name or ("sd15" if model_path else default_model_name()))
     device = device or best_device()
-    dtype = torch.float16 if device == "cuda" and spec.builtin is None else torch.float32
+    half = torch.bfloat16 if spec.kind == "flux" else torch.float16  # FLUX.1 overflows in fp16
+    dtype = half if device == "cuda" and spec.builtin is None else torch.float32
     if spec.builtin not in (None, "embedded") and model_path is None:
-        pipe = build_tiny_pipeline(spec.builtin, seed=tiny_seed)
+        if spec.builtin.startswith("dit-"):
+            pipe = build_tiny_dit(spec.builtin.removeprefix("dit-"), seed=tiny_seed)
+            denoiser = pipe.transformer
+        else:
+            pipe = build_tiny_pipeline(spec.builtin, seed=tiny_seed)
+            denoiser = pipe.unet
         model_id = f"in-process:{spec.builtin}:seed{tiny_seed}"
-        fingerprint = module_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae)
+        fingerprint = module_fingerprint(denoiser, pipe.text_encoder, pipe.vae)
     else:
         path = locate(spec, model_path)
         if path is None:

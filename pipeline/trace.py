@@ -31,6 +31,7 @@ class TokenInfo:
     has_map: bool
     noun_lemma: str | None = None  # lemma when the word names an object (pipeline.nouns), else None
     noun_plural: bool | None = None  # whether that object noun is plural; None when not an object noun
+    encoder: str | None = "clip"  # text encoder of the position: 'clip' or 't5'; None for the text-share pseudo-token
 
 
 @dataclass
@@ -71,6 +72,8 @@ def run_row(
     of `schema.TABLES["runs"]` must be given by name.
     """
     row = {
+        "architecture": "unet",  # DiT runs (pipeline.generate_dit) name 'sd3' or 'flux' and their bands' modules
+        "level_modules": None,
         **columns,
         "status": "complete",
         "schema_version": SCHEMA_VERSION,

@@ -55,6 +55,7 @@ def build_tables(trace: Trace) -> dict[str, pa.Table]:
         "has_map": [t.has_map for t in trace.tokens],
         "noun_lemma": [t.noun_lemma for t in trace.tokens],
         "noun_plural": [t.noun_plural for t in trace.tokens],
+        "encoder": [t.encoder for t in trace.tokens],
     }
 
     cross: dict[str, list] = {f.name: [] for f in TABLES["cross_attention"]}

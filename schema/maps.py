@@ -23,8 +23,10 @@ CUBIC_A = -0.75  # Keys' cubic convolution constant, as in PyTorch/OpenCV bicubi
 ALL = "all"  # level label of the stored DAAM map (cross_attention) and of its statistics (word_step_stats)
 MID_PREFIX = "mid-"  # level label of the UNet mid block's layers: 'mid-4x4'
 
-# A level key as the capture produces it: (h, w) for down/up-block layers, (h, w, 'mid') for the mid block.
+# A level key as the capture produces it: (h, w) for down/up-block layers, (h, w, 'mid') for the mid block,
+# (h, w, 'band', label, order) for a DiT block band (pipeline.capture_dit).
 LevelKey = tuple
+BAND = "band"
 
 
 def halve(grid: tuple[int, int], times: int) -> tuple[int, int]:
@@ -36,7 +38,9 @@ def halve(grid: tuple[int, int], times: int) -> tuple[int, int]:
 
 
 def level_label(key: LevelKey) -> str:
-    """'HxW' for a down/up-block level, 'mid-HxW' for the mid block's layers."""
+    """'HxW' for a down/up-block level, 'mid-HxW' for the mid block's layers, the band's name for a DiT band."""
+    if len(key) > 3 and key[2] == BAND:
+        return key[3]
     base = f"{key[0]}x{key[1]}"
     return MID_PREFIX + base if len(key) > 2 and key[2] == "mid" else base
 
@@ -46,8 +50,10 @@ def is_mid(label: str) -> bool:
     return label.startswith(MID_PREFIX)
 
 
-def level_order(key: LevelKey) -> tuple[int, bool]:
-    """Sort key: finest grid first, the mid block after a down/up level of the same size."""
+def level_order(key: LevelKey) -> tuple:
+    """Sort key: finest grid first, the mid block after a down/up level of the same size; DiT bands in block order."""
+    if len(key) > 4 and key[2] == BAND:
+        return (-key[0] * key[1], True, key[4])
     return (-key[0] * key[1], len(key) > 2)
 
 

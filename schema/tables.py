@@ -11,7 +11,9 @@ import pyarrow as pa
 
 # 1.1: optional depth table; 1.2: level 'all' is DAAM's formula (mid block out, layers x heads);
 # 1.3: tokens.noun_lemma / noun_plural (object nouns tagged at generation time)
-SCHEMA_VERSION = "1.3"
+# 1.4: diffusion transformers: runs.architecture / level_modules (block bands), tokens.encoder, token kinds
+#      'padding' and 'text_share'
+SCHEMA_VERSION = "1.4"
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -36,7 +38,11 @@ RUNS = pa.schema(
         _f("scheduler", pa.string(), "diffusers scheduler class name."),
         _f("width", pa.int32(), "Image width in pixels."),
         _f("height", pa.int32(), "Image height in pixels."),
-        _f("latent_width", pa.int32(), "Latent grid width (image width / VAE factor)."),
+        _f(
+            "latent_width",
+            pa.int32(),
+            "Latent grid width (image width / VAE factor); for a DiT run the image-token grid (latent / patch).",
+        ),
         _f("latent_height", pa.int32(), "Latent grid height."),
         _f("self_grid_width", pa.int32(), "Width of the step-aggregated self-attention grid."),
         _f("self_grid_height", pa.int32(), "Height of the step-aggregated self-attention grid."),
@@ -45,7 +51,20 @@ RUNS = pa.schema(
         _f(
             "levels",
             pa.list_(pa.string()),
-            "Cross-attention levels captured, finest first: 'HxW' (down/up blocks) or 'mid-HxW' (mid block).",
+            "Cross-attention levels captured, finest first: 'HxW' (down/up blocks) or 'mid-HxW' (mid block); "
+            "for a DiT run its block bands in block order: 'joint-0-7' (SD3), 'double-0-9', 'single-19-37' (Flux).",
+        ),
+        _f(
+            "level_modules",
+            pa.list_(pa.string()),
+            "Per entry of `levels`, the attention modules averaged into it (diffusers names, comma-separated); "
+            "null for UNet runs, whose levels are grids.",
+        ),
+        _f(
+            "architecture",
+            pa.string(),
+            "'unet' (SD 1.x/2.x/XL), 'sd3' (SD3/SD3.5 joint attention, [image, text]) or 'flux' (FLUX.1, "
+            "[text, image]); null for runs before schema 1.4 (all UNet).",
         ),
         _f("model_name", pa.string(), "Registry name of the model (sd15, shapes, tiny-random, ...)."),
         _f("model_id", pa.string(), "Hub id or folder the weights came from."),
@@ -74,7 +93,13 @@ TOKENS = pa.schema(
         _f("token_text", pa.string(), "The token's text (one BPE piece)."),
         _f("word_index", pa.int32(), "Index of the prompt word this piece belongs to; null for start/end."),
         _f("word", pa.string(), "The whole word the piece belongs to (pieces of one word share it)."),
-        _f("kind", pa.string(), "'start', 'word' or 'end' (the first end-of-text token)."),
+        _f(
+            "kind",
+            pa.string(),
+            "'start', 'word', 'end' (the first end-of-text token); DiT runs also 'padding' (one pseudo-token per "
+            "encoder whose map sums every padding position) and 'text_share' (token_index -1: not a token; its "
+            "map is the share of each pixel's attention that goes to any text key).",
+        ),
         _f("has_map", pa.bool_(), "Whether cross-attention maps are stored for this token."),
         _f(
             "noun_lemma",
@@ -83,6 +108,12 @@ TOKENS = pa.schema(
             "(or a word-list rule without it); null for other words and for runs before schema 1.3.",
         ),
         _f("noun_plural", pa.bool_(), "Whether that object noun is plural (every region is kept); null otherwise."),
+        _f(
+            "encoder",
+            pa.string(),
+            "Text encoder of the position: 'clip' or 't5' (SD3 has both: a word has a CLIP and a T5 map); "
+            "null for the text share and for runs before schema 1.4.",
+        ),
     ]
 )
 
