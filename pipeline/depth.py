@@ -102,8 +102,9 @@ def load_depth_model(name: str = "zoedepth", path: str | Path | None = None, dev
     folder = Path(path) if path is not None else _depth_snapshot(spec.repo_id)
     if folder is None:
         raise ModelNotFoundError(depth_availability(name)[1])
-    if not _complete(folder):
-        raise ModelNotFoundError(f"a depth model folder needs {WEIGHTS_FILE} and {PROCESSOR_FILE}; {folder} lacks one")
+    missing = [name for name in (WEIGHTS_FILE, PROCESSOR_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"no depth model in {folder}: {' and '.join(missing)} missing (save both there)")
     model = _model_class(name).from_pretrained(folder, local_files_only=True).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return DepthModel(spec, model, processor, spec.repo_id if path is None else str(folder))
