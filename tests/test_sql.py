@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import pickle
 import re
 import resource
 import subprocess
@@ -37,6 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import store.sql as store_sql
 from jobs.synth import synth_store
 from schema.limits import LIMITS
 from stepx.cli import main as stepx_main
@@ -590,6 +593,55 @@ def test_api_rejects_bad_limits(env: Env):
         with pytest.raises(SettingError, match="must be"):
             store.sql("SELECT 1", **kwargs)
     assert LIMITS["timeout_s"].default == Limits().timeout_s == 10.0
+
+
+def test_engine_fails_closed(env: Env, monkeypatch: pytest.MonkeyPatch):
+    """If DuckDB reports other settings than the sandbox asked for, no query runs."""
+    sources, views = _sources(env)
+    monkeypatch.setitem(store_sql.LOCKED, "allowed_paths", "['/']")
+    with pytest.raises(QueryError, match="could not be locked"):
+        connect(sources, views, 256)
+
+
+def test_answers_unpickle_only_value_types():
+    """A query process's answer can't make the caller import or call anything but DuckDB's value types."""
+    for hostile in (os.system, subprocess.Popen, getattr):
+        with pytest.raises(QueryError, match="can't return"):
+            store_sql._AnswerUnpickler(io.BytesIO(pickle.dumps(hostile))).load()
+
+
+def test_query_process_os_limits(tmp_path: Path):
+    """Under the engine, the query process itself can't grow a file or reach a relative path."""
+    target = tmp_path / "written.txt"
+    target.write_text("")
+    pid = os.fork()
+    if pid == 0:  # the same steps the query process takes before opening the engine
+        code = 0
+        try:
+            store_sql._leave_cwd()
+            store_sql._confine(Limits())
+            try:
+                with open(target, "a") as fh:
+                    fh.write("x" * 4096)
+                    fh.flush()
+                code |= 1  # the write went through
+            except OSError:
+                pass
+            try:
+                open("relative.txt", "w").close()  # noqa: SIM115 - the open itself must fail
+                code |= 2
+            except OSError:
+                pass
+            try:
+                bytearray(3 << 30)  # past the data limit (1 GB + 256 MB over what it has)
+                code |= 4
+            except MemoryError:
+                pass
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert target.read_text() == ""
 
 
 # -- the friendly layer, the result shape, the page ------------------------------------------------------
