@@ -45,7 +45,7 @@ def request(prompt: str, steps: int, model: str = "tiny-random") -> dict:
 def test_worker_runs_jobs_and_fails_fast_without_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     ok = queue.submit(tmp_path, request("a red circle", 3))
-    missing = queue.submit(tmp_path, request("a red circle", 3, model="sd15"))
+    missing = queue.submit(tmp_path, {**request("a red circle", 3, model="sd15"), "width": 512, "height": 512})
     env_worker = start_worker(tmp_path, "--once")
     assert env_worker.wait(300) == 0, env_worker.stderr.read().decode()
     done, failed = queue.get(tmp_path, ok), queue.get(tmp_path, missing)
