@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.regions import bbox_cells
+from analysis.regions import bbox_cells, polygon_cells, validate_polygon
 from dashboard.canvas import rect_to_box
 from tests.browser import browser_page, dashboard, require_browser, screenshot
 
@@ -38,8 +38,15 @@ def test_click_pixel_draw_box_and_polygon(traced_store):
         page.get_by_text("Query grid 32x32").wait_for()
 
         img = page.frame_locator('iframe[title*="streamlit_image_coordinates"]').locator("img")
+        unmarked = img.get_attribute("src")
         img.click(position={"x": 40, "y": 40})
         first = wait_caption(page, "Pixel heatmap · 1 cells")
+        page.wait_for_function(  # the clicked pixel is marked on the input image itself
+            """(old) => { const f = document.querySelector('iframe[title*="streamlit_image_coordinates"]');
+                 const i = f && f.contentDocument && f.contentDocument.querySelector('img');
+                 return i && i.src !== old; }""",
+            arg=unmarked,
+        )
         img.click(position={"x": 330, "y": 300})
         second = wait_caption(page, "Pixel heatmap · 1 cells", other_than=first[0])
         assert second[1] != first[1]
@@ -63,12 +70,18 @@ def test_click_pixel_draw_box_and_polygon(traced_store):
         page.get_by_text("Click the corners").wait_for()
         canvas = page.locator("canvas.upper-canvas")
         b = canvas.bounding_box()
-        for x, y in [(30, 30), (200, 40), (120, 200), (30, 30)]:
+        corners = [(30, 30), (200, 40), (120, 200)]
+        for x, y in corners + corners[:1]:  # the caption's instruction: click the first corner again to close
             page.mouse.click(b["x"] + x, b["y"] + y)
             page.wait_for_timeout(300)
         update = page.get_by_role("button", name="Update the app with this drawing")
         if update.count():
             update.first.click()
-        poly = wait_caption(page, "Contour heatmap · ")
+        on_image = validate_polygon([(x * 64 / CANVAS, y * 64 / CANVAS) for x, y in corners], (64, 64))
+        expected = len(polygon_cells(on_image, (64, 64), (32, 32)))
+        poly = wait_caption(page, "Contour heatmap · ")  # a heatmap, not "every point must lie inside"
+        cells = int(poly[0].split(" · ")[1].split()[0])
+        assert abs(cells - expected) <= 3, (cells, expected)  # Fabric's pointer may land half a pixel off a click
         assert poly[1] != boxed[1] and page.get_by_text("Polygon of 3 points").count() == 1
+        assert page.locator('[data-testid="stAlert"]', has_text="must lie inside").count() == 0
         screenshot(page, "regions-polygon")
