@@ -84,6 +84,7 @@ def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monke
     monkeypatch.setenv("STEPX_STORE", str(root))
     at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "inspect.py"), default_timeout=120)
     at.query_params["run"] = run_id
+    at.session_state["depth_panel"] = True  # the depth panel, opened
     at.run()
     assert not at.exception
     assert any("metric depth" in i.proto.imgs[0].caption for i in at.get("image"))
@@ -91,6 +92,7 @@ def test_depth_companion_stored_exported_and_shown(traced_store, tmp_path, monke
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     at = AppTest.from_file(str(ROOT / "dashboard" / "views" / "inspect.py"), default_timeout=120)
     at.query_params["run"] = other
+    at.session_state["depth_panel"] = True
     at.run()
     assert not at.exception
     assert any("depth model's weights are not on this machine" in i.value for i in at.info)
