@@ -48,6 +48,12 @@ def word_map(root: str, run_id: str, word: str | int, step: int | None, levels: 
     return _store(root).word_map(run_id, word, step, list(levels) if levels else None)
 
 
+@st.cache_data(max_entries=256, show_spinner=False)
+def text_share(root: str, run_id: str, step: int | None, levels: tuple[str, ...] | None) -> np.ndarray:
+    """A DiT run's text share (Store.text_share), cached like the word maps."""
+    return _store(root).text_share(run_id, step, list(levels) if levels else None)
+
+
 @st.cache_data(max_entries=1024, show_spinner=False)
 def image_bytes(root: str, run_id: str, step: int | None) -> bytes:
     return _store(root).image(run_id, step)[0]

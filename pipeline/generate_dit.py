@@ -44,6 +44,7 @@ def _clip_tokens(tokenizer: object, prompt: str, offset: int, first_word: int) -
     for t in tokens:
         t.token_index += offset
         t.encoder = "clip"
+        t.has_map = True  # the start token too: in joint attention it can draw mass, shown rather than hidden
         if t.word_index is not None:
             t.word_index += first_word
     words = len({t.word_index for t in tokens if t.word_index is not None})

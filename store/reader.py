@@ -48,6 +48,7 @@ from store.errors import IndexDamaged, Results, RunDataMissing, RunNotFound, Sto
 from store.sql import Limits, Source, run_query
 
 GLOBAL = "Global"
+TEXT_SHARE_TOKEN = -1  # token_index of a DiT run's text-share pseudo-token (pipeline.generate_dit)
 ALL_LEVELS = None
 RAW_TABLES = ("cross_attention", "self_attention", "images")
 
@@ -59,6 +60,7 @@ class Word:
     word_index: int
     word: str
     token_indices: list[int]
+    encoder: str | None = None  # 'clip' or 't5' (SD3 stores each word once per encoder); None before schema 1.4
 
 
 @dataclass
@@ -321,13 +323,23 @@ class Store:
         words: dict[int, Word] = {}
         for t in self.tokens(run_id):
             if t["kind"] == "word":
-                w = words.setdefault(t["word_index"], Word(t["word_index"], t["word"], []))
+                w = words.setdefault(t["word_index"], Word(t["word_index"], t["word"], [], t.get("encoder")))
                 w.token_indices.append(t["token_index"])
         return list(words.values())
 
-    def resolve_word(self, run_id: str, word: str | int) -> list[int]:
-        """Token indices of a word given as text (every occurrence), a word index, or Global."""
+    def encoders(self, run_id: str) -> list[str]:
+        """Text encoders whose positions the run stores maps for, in order ('clip', 't5'; [] before schema 1.4)."""
+        return list(dict.fromkeys(t["encoder"] for t in self.tokens(run_id) if t.get("encoder") and t["has_map"]))
+
+    def resolve_word(self, run_id: str, word: str | int, encoder: str | None = None) -> list[int]:
+        """Token indices of a word given as text (every occurrence), a word index, or Global; `encoder` keeps
+        one text encoder's tokens (an SD3 word has a CLIP and a T5 map; None averages both)."""
         words = self.words(run_id)
+        if encoder is not None:
+            if encoder not in self.encoders(run_id):
+                known = ", ".join(self.encoders(run_id)) or "none recorded"
+                raise StoreError(f"run {run_id} has no {encoder!r} text encoder; its encoders: {known}")
+            words = [w for w in words if w.encoder == encoder]
         if isinstance(word, str) and word == GLOBAL:
             return [i for w in words for i in w.token_indices]
         if isinstance(word, int | np.integer):
@@ -490,14 +502,23 @@ class Store:
         step: int | None = None,
         levels: list[str] | None = ALL_LEVELS,
         aggregation: str | None = None,
+        encoder: str | None = None,
     ) -> np.ndarray:
         """A word's (or Global's) map on the latent grid: its tokens' maps averaged, the steps summed.
 
-        The default is DAAM's formula (schema.maps); `aggregation` names another of schema.maps.AGGREGATIONS
-        (not DAAM), and giving `levels` alone means aggregation 'levels'.
+        The default is DAAM's formula (schema.maps; for a DiT the mean of every band's (layer, head) maps); an
+        `aggregation` names another of schema.maps.AGGREGATIONS (not DAAM), and giving `levels` (resolution
+        levels, or a DiT's block bands) alone means aggregation 'levels'. `encoder` picks SD3's CLIP or T5 tokens.
         """
-        tokens = self.resolve_word(run_id, word)
+        tokens = self.resolve_word(run_id, word, encoder)
         return self._combined(run_id, tokens, step, levels, aggregation).mean(axis=1).sum(axis=0)
+
+    def text_share(self, run_id: str, step: int | None = None, levels: list[str] | None = ALL_LEVELS) -> np.ndarray:
+        """A DiT run's text share on the token grid: the part of each pixel's attention that goes to any text key
+        (mean over the chosen bands' (layer, head) maps; steps averaged, or one step). Not a probability map."""
+        if not any(t["kind"] == "text_share" for t in self.tokens(run_id)):
+            raise StoreError(f"run {run_id} has no text share (only diffusion-transformer runs store one)")
+        return self._combined(run_id, [TEXT_SHARE_TOKEN], step, levels, None)[:, 0].mean(axis=0)
 
     def token_maps(
         self, run_id: str, levels: list[str] | None = ALL_LEVELS, aggregation: str | None = None

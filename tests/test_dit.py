@@ -158,3 +158,123 @@ def test_generate_trace_dispatches_to_dit(models: dict) -> None:
     assert (trace.run["latent_height"], trace.run["latent_width"]) == (16, 16)
     assert len(trace.previews) == 2 and trace.max_sum_error < 1e-5
     assert trace.steps[0].daam.shape == (len(trace.tokens), 16, 16)
+
+
+# -- a DiT run written, indexed, read back, queried and shown ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dit_store(tmp_path_factory: pytest.TempPathFactory, models: dict) -> tuple:
+    from pipeline.trace_writer import write_trace
+
+    root = tmp_path_factory.mktemp("dit_store")
+    traces = {}
+    for name, kwargs in (("sd3", {}), ("flux", {"negative_prompt": "blurry", "true_cfg": 2.0})):
+        trace = generate_trace(models[name], GenerationConfig(prompt=PROMPT, seed=4, steps=3, **kwargs))
+        write_trace(root, trace)
+        traces[name] = trace
+    return root, traces
+
+
+def test_store_reads_dit_runs(dit_store: tuple) -> None:
+    from store import Store
+    from store.errors import StoreError
+
+    root, traces = dit_store
+    store = Store(root)
+    sd3 = traces["sd3"].run["run_id"]
+    run = store.run(sd3)
+    assert run["architecture"] == "sd3" and run["levels"] == ["joint-0-0", "joint-1-1", "joint-2-2"]
+    assert store.encoders(sd3) == ["clip", "t5"]
+    clip = store.word_map(sd3, "hippopotamus", encoder="clip")
+    t5 = store.word_map(sd3, "hippopotamus", encoder="t5")
+    both = store.word_map(sd3, "hippopotamus")
+    assert clip.shape == t5.shape == (32, 32) and not np.allclose(clip, t5)
+    words = [w for w in store.words(sd3) if w.word == "hippopotamus"]
+    assert {w.encoder for w in words} == {"clip", "t5"}
+    n_clip, n_t5 = (len(w.token_indices) for w in sorted(words, key=lambda w: w.encoder))
+    assert np.allclose(both, (clip * n_clip + t5 * n_t5) / (n_clip + n_t5), atol=1e-5)  # mean over its tokens
+    # the stored map is the capture's: step 0's DAAM-comparable map of the word's T5 tokens
+    rec = traces["sd3"].steps[0]
+    cols = [i for i, t in enumerate(traces["sd3"].tokens) if t.word == "hippopotamus" and t.encoder == "t5"]
+    assert np.allclose(store.word_map(sd3, "hippopotamus", step=0, encoder="t5"), rec.daam[cols].mean(0), atol=1e-6)
+    band = store.word_map(sd3, "hippopotamus", step=0, levels=["joint-1-1"], encoder="t5")
+    assert np.allclose(band, rec.cross[(32, 32, "band", "joint-1-1", 1)][cols].mean(0), atol=1e-3)  # float16
+    share = store.text_share(sd3)
+    assert share.shape == (32, 32) and share.min() > 0 and share.max() < 1
+    _, maps = store.token_maps(sd3)
+    pad = [t["token_index"] for t in store.tokens(sd3) if t["has_map"]]
+    assert maps.shape[1] == len(pad)
+    text = maps[:, [i for i, t in enumerate(store.tokens(sd3)) if t["kind"] != "text_share"]]
+    assert np.allclose(text.sum(axis=1), store.run(sd3)["steps"] * 0 + 1, atol=1e-4)  # sums to 1 over text tokens
+    with pytest.raises(StoreError, match="no 'clip' text encoder"):
+        store.word_map(traces["flux"].run["run_id"], "sofa", encoder="clip")
+    assert store.self_attention(sd3).grid == (32, 32)
+    assert store.self_attention(traces["flux"].run["run_id"], step=1).grid == (16, 16)
+
+
+def test_sql_over_dit_runs(dit_store: tuple) -> None:
+    from store import Store
+
+    root, traces = dit_store
+    res = Store(root).sql(
+        "SELECT r.architecture, t.encoder, t.kind, count(*) AS n FROM tokens t JOIN runs r USING (run_id) "
+        "GROUP BY ALL ORDER BY ALL"
+    )
+    rows = {(a, e, k): n for a, e, k, n in res.rows}
+    assert rows[("sd3", "clip", "padding")] == 1 and rows[("sd3", "t5", "padding")] == 1
+    assert rows[("flux", None, "text_share")] == 1 and ("flux", "clip", "word") not in rows
+    bands = Store(root).sql(
+        "SELECT DISTINCT level FROM cross_attention WHERE run_id = ? ORDER BY level".replace(
+            "?", "'" + traces["flux"].run["run_id"] + "'"
+        )
+    )
+    assert [r[0] for r in bands.rows] == ["all", "double-0-0", "double-1-1", "single-0-0", "single-1-1"]
+
+
+@pytest.mark.slow
+def test_dashboard_pages_on_dit_runs(dit_store: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.regions import region_map
+    from store import Store
+
+    root, traces = dit_store
+    views = Path(__file__).resolve().parent.parent / "dashboard" / "views"
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    sd3 = traces["sd3"].run["run_id"]
+    store = Store(root)
+
+    def page(name: str, run_id: str) -> AppTest:
+        at = AppTest.from_file(str(views / f"{name}.py"), default_timeout=180)
+        at.query_params["run"] = run_id
+        at.run()
+        assert not at.exception, (name, at.exception)
+        return at
+
+    at = page("inspect", sd3)
+    assert at.multiselect(key="inspect_levels").label == "Block bands"
+    assert at.multiselect(key="inspect_levels").options == ["joint-0-0", "joint-1-1", "joint-2-2"]
+    at.radio(key="inspect_encoder").set_value("t5").run()
+    assert "hippopotamus" in at.radio(key="inspect_word").options and not at.exception
+    hippo = next(w for w in store.words(sd3) if w.encoder == "t5" and w.word == "hippopotamus")
+    at.radio(key="inspect_word").set_value(hippo.word_index).run()
+    assert not at.exception
+    shown = at.get("image")[0].proto.imgs[0].caption
+    assert shown.startswith(r"hippopotamus \(T5\)")  # markdown-escaped by dashboard.widgets.plain
+    at.toggle(key="inspect_text_share").set_value(True).run()
+    assert not at.exception
+    assert any("Text share" in (i.proto.imgs[0].caption or "") for i in at.get("image"))
+    regions = page("regions", sd3)
+    regions.radio(key="regions_mode").set_value("Type").run()
+    regions.text_input(key="regions_px").input("0-5").run()
+    assert not regions.exception
+    sa = store.self_attention(sd3)
+    expected = region_map(sa.matrix, list(range(6)), sa.grid)
+    assert [i.proto.imgs[0].caption for i in regions.get("image")] == [
+        f"Pixel heatmap · 6 cells · max {expected.max():.4g}"
+    ]
+    for name in ("detect", "compare", "gallery", "sql", "guide"):
+        page(name, traces["flux"].run["run_id"])

@@ -9,7 +9,7 @@ import streamlit as st
 from dashboard.export import _slug, export_all
 from dashboard.generate import generate_panel
 from dashboard.render import COLORMAPS, Scale, decode, gif_bytes, overlay, with_colorbar
-from dashboard.state import depth_models, guarded, image_bytes, store, store_path, word_map
+from dashboard.state import depth_models, guarded, image_bytes, store, store_path, text_share, word_map
 from dashboard.widgets import normalisation, pick_run, plain, prompt_text, scale_of
 from dashboard.words import cut_words, is_content
 from jobs import queue
@@ -65,20 +65,33 @@ def step_picker(steps: int) -> int | None:
     return None if all_steps else step - 1
 
 
-def display_controls(levels: list[str]) -> tuple[float, str, dict, tuple[str, ...] | None]:
-    """Overlay alpha, colormap, colour-scale choice, and the resolution levels to combine (None = all)."""
+def display_controls(levels: list[str], bands: bool = False) -> tuple[float, str, dict, tuple[str, ...] | None]:
+    """Overlay alpha, colormap, colour-scale choice, and the resolution levels (a DiT's block bands) to combine."""
     a, b = st.columns(2)
     alpha = a.slider("Overlay alpha", 0.0, 1.0, 0.6, 0.05, key="inspect_alpha")
     cmap = b.selectbox("Colormap", list(COLORMAPS), key="inspect_cmap")
     norm = normalisation("inspect")
-    chosen = st.multiselect("Resolution levels", levels, default=levels, key="inspect_levels")
+    what = "Block bands" if bands else "Resolution levels"
+    tip = "Transformer blocks grouped by depth, named by block range." if bands else None
+    chosen = st.multiselect(what, levels, default=levels, key="inspect_levels", help=tip)
     if not chosen:
-        st.info("No level selected: showing all levels.")
+        st.info(f"No {'band' if bands else 'level'} selected: showing all.")
     return alpha, cmap, norm, (tuple(chosen) if chosen and len(chosen) < len(levels) else None)
 
 
 def word_label(words: list[Word], word: str | int) -> str:
-    return "Global" if word == GLOBAL else next(w.word for w in words if w.word_index == word)
+    if word == GLOBAL:
+        return "Global"
+    w = next(w for w in words if w.word_index == word)
+    return w.word + (f" ({w.encoder.upper()})" if w.encoder not in (None, "clip") else "")
+
+
+def encoder_picker(encoders: list[str]) -> str | None:
+    """SD3 attends to CLIP and T5 positions: each word has a map per encoder; pick which (None: one encoder)."""
+    if len(encoders) < 2:
+        return None
+    tip = "SD3's text is 77 CLIP positions, then the T5 positions; each word has a map in both."
+    return st.radio("Text encoder", encoders, format_func=str.upper, horizontal=True, key="inspect_encoder", help=tip)
 
 
 def across_steps_max(root: str, run_id: str, word: str | int, steps: int, levels) -> float:
@@ -120,18 +133,31 @@ def body() -> None:
         st.warning("This prompt has no words to inspect.")
         return
     left, right = st.columns([3, 2])
+    dit = run.get("architecture") in ("sd3", "flux")
     with right:
         st.subheader("Attention Controls")
-        word = word_picker(words)
+        encoder = encoder_picker(s.encoders(run_id)) if dit else None
+        if encoder is not None:
+            words = [w for w in words if w.encoder == encoder]
+        tip = "Per pixel, the part of its attention (image and text keys) that goes to any text position."
+        share = dit and st.toggle("Text share: how much each pixel listens to the prompt at all",
+                                  key="inspect_text_share", help=tip)  # fmt: skip
+        word = GLOBAL if share else word_picker(words)
         step = step_picker(run["steps"])
-        alpha, cmap, norm, levels = display_controls(list(run["levels"]))
-    heat = word_map(root, run_id, word, step, levels)
-    across = across_steps_max(root, run_id, word, run["steps"], levels) if step is not None else None
+        alpha, cmap, norm, levels = display_controls(list(run["levels"]), bands=dit)
+    if share:
+        heat = text_share(root, run_id, step, levels)
+        steps_max = max(float(text_share(root, run_id, t, levels).max()) for t in range(run["steps"]))
+        across = steps_max if step is not None else None
+    else:
+        heat = word_map(root, run_id, word, step, levels)
+        across = across_steps_max(root, run_id, word, run["steps"], levels) if step is not None else None
     scale = scale_of(heat, norm, across)
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
-    label = word_label(words, word)
-    where = "all steps (sum)" if step is None else f"step {step + 1} of {run['steps']}"
+    label = "Text share" if share else word_label(words, word)
+    over = "all steps (mean)" if share else "all steps (sum)"
+    where = over if step is None else f"step {step + 1} of {run['steps']}"
     with left:
         st.image(with_colorbar(overlay(base, heat, alpha, cmap, size=size, scale=scale), cmap, scale),
                  caption=f"{plain(label)} · {where}", width="stretch")  # fmt: skip
