@@ -19,6 +19,7 @@ from PIL import Image
 from dashboard.render import (
     UNITS,
     Scale,
+    blend,
     colorbar,
     colorize,
     decode,
@@ -119,11 +120,7 @@ def export_all(
             scale = Scale(0.0, float(maps[:, ti].max()))
             shown = display_values(maps[:, ti], size)  # (steps, height, width)
             colours = [colorize(scale.normalise(shown[s]), cmap) for s in range(steps)]
-            frames = [
-                Image.fromarray(((1 - alpha) * np.asarray(previews[s], dtype=np.float32) + alpha * colours[s])
-                                .round().astype(np.uint8))
-                for s in range(steps)
-            ]  # fmt: skip
+            frames = [blend(previews[s], colours[s], alpha) for s in range(steps)]
             encoded = pool.map(lambda im: png_bytes(im, 1), [Image.fromarray(c) for c in colours] + frames)
             for s, data in enumerate(encoded):
                 folder = "maps" if s < steps else "overlays"
