@@ -41,7 +41,7 @@ def stepx(*args: str, store: Path | None = None, timeout: int = 300) -> subproce
         (["generate", "a cat", "--model", "tiny-random", "--steps", "1000"], "at most 999 for this model's DDIM"),
         (["generate", "a cat", "--model", "tiny-random", "--device", "cuda"], "--device cuda"),
         (["sql", "SELECT 1", "--max-rows", "1e20"], "whole number"),
-        (["sql", "SELECT 1", "--timeout", "nan"], "seconds above 0"),
+        (["sql", "SELECT 1", "--timeout", "nan"], "finite number between"),
         (["runs", "--store", "/etc/passwd"], "is a file, not a store folder"),
         (["annotate", "--run", "x", "--out", "/"], "is a folder"),
         (["gallery", "build", "--spec", "/etc/passwd"], "is not JSON"),
