@@ -26,6 +26,7 @@ from pipeline.capture import (
 )
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
+from pipeline.provenance import provenance
 from pipeline.trace import TokenInfo, Trace, run_row
 from schema.limits import LimitError, check_generation, check_prompt
 from schema.version import stepx_version
@@ -266,6 +267,7 @@ def generate_trace(
         tags=list(cfg.tags),
         gallery=cfg.gallery,
         config_json=json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+        **provenance(pipe),
     )
     return Trace(
         run=run,

@@ -74,6 +74,14 @@ def run_row(
     row = {
         "architecture": "unet",  # DiT runs (pipeline.generate_dit) name 'sd3' or 'flux' and their bands' modules
         "level_modules": None,
+        "source": "generate",  # stepx.record passes 'record' and the provenance of the user's pipeline
+        "pipeline_class": None,
+        "scheduler_config": None,
+        "lora_adapters": [],
+        "lora_scales": [],
+        "controlnet": None,
+        "strength": None,
+        "init_image_sha256": None,
         **columns,
         "status": "complete",
         "schema_version": SCHEMA_VERSION,

@@ -13,7 +13,9 @@ import pyarrow as pa
 # 1.3: tokens.noun_lemma / noun_plural (object nouns tagged at generation time)
 # 1.4: diffusion transformers: runs.architecture / level_modules (block bands), tokens.encoder, token kinds
 #      'padding' and 'text_share'
-SCHEMA_VERSION = "1.4"
+# 1.5: provenance of runs recorded around a user's pipeline (stepx.record): runs.source, pipeline_class,
+#      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256
+SCHEMA_VERSION = "1.5"
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -82,6 +84,19 @@ RUNS = pa.schema(
         _f("tags", pa.list_(pa.string()), "Free tags (gallery themes)."),
         _f("gallery", pa.string(), "Name of the curated gallery this run belongs to, if any."),
         _f("config_json", pa.string(), "Full generation config as JSON, enough to regenerate the run."),
+        _f(
+            "source",
+            pa.string(),
+            "How the run was made: 'generate' (stepx generate, the queue, galleries) or 'record' (stepx.record "
+            "around a user's own pipeline); null for runs before schema 1.5.",
+        ),
+        _f("pipeline_class", pa.string(), "diffusers pipeline class (StableDiffusionImg2ImgPipeline, ...)."),
+        _f("scheduler_config", pa.string(), "The scheduler's full config as JSON (class in `scheduler`)."),
+        _f("lora_adapters", pa.list_(pa.string()), "Active LoRA adapters of the UNet, by name; empty for none."),
+        _f("lora_scales", pa.list_(pa.float32()), "Per entry of `lora_adapters`, its weight (set_adapters)."),
+        _f("controlnet", pa.string(), "ControlNet model class(es), comma-separated; null without ControlNet."),
+        _f("strength", pa.float32(), "img2img/inpaint strength (steps run = strength x steps asked); null otherwise."),
+        _f("init_image_sha256", pa.string(), "sha256 of the init image's bytes (PNG of a PIL image, else the array)."),
     ]
 )
 
