@@ -236,7 +236,7 @@ def test_rebuild_upgrades_runs_written_before_daam(tmp_path):
     assert rebuild_index(tmp_path).upgraded == []  # already upgraded
 
 
-def test_rebuild_refuses_runs_whose_mid_block_was_merged(tmp_path, tiny_model):
+def test_rebuild_refuses_runs_whose_mid_block_was_merged(tmp_path, tiny_model, monkeypatch):
     """The tiny layout's mid block shares the 16x16 grid: a 1.1 run merged it there, so DAAM can't be rebuilt."""
     from pipeline.index import rebuild_index
     from store import StoreError
@@ -249,6 +249,18 @@ def test_rebuild_refuses_runs_whose_mid_block_was_merged(tmp_path, tiny_model):
     with pytest.raises(StoreError, match="schema 1.2"):
         Store(tmp_path).word_map(run_id, "triangle")
     assert Store(tmp_path).word_map(run_id, "triangle", aggregation="equal_levels").shape == (32, 32)
+    # a run whose model is not on this machine: its layers and heads per level are unknown
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    runs_file = tmp_path / "runs" / run_id / "runs.parquet"
+    runs = pq.read_table(runs_file)
+    for column, value in (("model_name", "sd15"), ("model_id", "stable-diffusion-v1-5/stable-diffusion-v1-5@0123")):
+        runs = runs.set_column(runs.schema.get_field_index(column), column, pa.array([value]))
+    pq.write_table(runs, runs_file)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    why = rebuild_index(tmp_path).not_upgraded[run_id]
+    assert "its model 'sd15' (stable-diffusion-v1-5/stable-diffusion-v1-5@0123) is not on this machine" in why
 
 
 def test_store_offers_the_non_daam_aggregations_by_name(traced_store):
