@@ -140,3 +140,45 @@ def test_depth_input_is_the_processors_padded_aspect_kept_image(tmp_path):
         load_depth_model("zoedepth", folder)
     depth.save_pretrained(folder)
     assert np.array_equal(estimate_depth(load_depth_model("zoedepth", folder), image), dmap)
+
+
+def test_relative_depth_goes_through_the_processors_pre_and_post_processing(tmp_path):
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessorPil
+
+    from pipeline.depth import DEPTH_MODELS, DepthModel
+
+    torch.manual_seed(0)
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    backbone = Dinov2Config(
+        image_size=28,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        out_features=stages,
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=16,
+    )
+    # Depth Anything's processor settings (aspect kept, multiples of the 14 px patch) at a small size
+    processor = DPTImageProcessorPil(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14)
+    depth = DepthModel(DEPTH_MODELS["depth-anything"], DepthAnythingForDepthEstimation(config).eval(), processor, "t")
+    image = Image.fromarray((np.random.default_rng(1).random((48, 80, 3)) * 255).astype(np.uint8))
+    x = depth_inputs(depth, image)
+    # the side whose scale is nearer 1 (height: 56 / 48) sets the scale; 80 * 56 / 48 = 93.3 -> 98 (7 patches)
+    assert tuple(x.shape) == (1, 3, 56, 98)
+    dmap = estimate_depth(depth, image)
+    with torch.no_grad():
+        outputs = depth.model(pixel_values=x)
+    direct = processor.post_process_depth_estimation(outputs, target_sizes=[(48, 80)])[0]["predicted_depth"]
+    assert dmap.shape == (48, 80) and np.allclose(dmap, direct.numpy(), atol=1e-6)
+    depth.save_pretrained(tmp_path / "da")
+    loaded = load_depth_model("depth-anything", tmp_path / "da")
+    assert np.array_equal(estimate_depth(loaded, image), dmap)
