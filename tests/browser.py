@@ -130,13 +130,14 @@ def annotated_screenshot(page: object, path: Path, marks: list[object], width: i
 
     from dashboard.render import font
 
+    page.wait_for_timeout(1500)  # let the last rerun finish drawing (captions update after images)
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     draw = ImageDraw.Draw(shot)
     big = font(26)
     for n, mark in enumerate(marks, 1):
-        box = mark.bounding_box()
-        if box is None:
-            continue
+        mark.first.wait_for()
+        box = mark.first.bounding_box()
+        assert box is not None, f"mark {n} is not on the page"
         x, y = box["x"] + page.evaluate("window.scrollX"), box["y"] + page.evaluate("window.scrollY")
         draw.rectangle([x - 4, y - 4, x + box["width"] + 4, y + box["height"] + 4], outline=(255, 64, 129), width=4)
         cx, cy = max(18, x - 4), max(18, y - 4)
@@ -145,5 +146,5 @@ def annotated_screenshot(page: object, path: Path, marks: list[object], width: i
     scale = width / shot.width
     small = shot.resize((width, round(shot.height * scale)), Image.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)
-    small.quantize(96, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+    small.quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     return path
