@@ -404,12 +404,12 @@ def _check_process_battery(env: Env, picked: list[tuple[str, str]], through_stor
 
 def test_query_process_refuses_hostile_sample(in_work: Env):
     """A sample of the battery through the query process with the pre-check bypassed."""
-    _check_process_battery(in_work, _sample(29), through_store=False)
+    _check_process_battery(in_work, _sample(43), through_store=False)
 
 
 def test_console_refuses_hostile_sample(in_work: Env):
     """A sample of the battery through Store.sql, the way the CLI and the dashboard call it."""
-    _check_process_battery(in_work, _sample(31), through_store=True)
+    _check_process_battery(in_work, _sample(47), through_store=True)
 
 
 @pytest.mark.slow
