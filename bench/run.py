@@ -558,6 +558,9 @@ def main() -> None:
         results["index_rebuild"] = index_rebuild(10000)
     results["dashboard"].update(region_page_timings(TMP / f"trace-{default}", results["trace_bytes"]["run_id"]))
     results["queue"] = queue_latency()
+    from bench.dit import dit_results
+
+    results["dit"] = dit_results()  # issue 18: tiny SD3 / Flux capture overhead, projected 1024 px trace sizes
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     from bench.report import write_readme
 

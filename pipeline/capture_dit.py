@@ -126,22 +126,27 @@ class DitPlan:
 
 def joint_text_probs(
     q: torch.Tensor, k: torch.Tensor, text: slice, image: slice, scale: float, chunk_bytes: int = ROW_CHUNK_BYTES
-) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor]]:
-    """Exact image->key probabilities of one layer, a head and a block of query rows at a time.
+) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+    """Exact image->key probabilities of one layer, in blocks of heads and query rows of at most `chunk_bytes`.
 
     q: (heads, queries, d) image queries; k: (heads, keys, d) all keys, `text` and `image` their two parts.
-    Yields (head, rows, p_text, p_image) with p = exp(q.k * scale - LSE over all keys), i.e. the softmax
-    over all keys (one fused kernel): p_text (rows, text keys), p_image (rows, image keys), both views.
+    Yields (heads, rows, p_text, p_image) with p = exp(q.k * scale - LSE over all keys), i.e. the softmax over
+    all keys (one fused kernel): p_text (h, rows, text keys), p_image (h, rows, image keys), both views. All
+    heads go in one block when they fit (small layers: fewer calls), else one head and a block of rows.
     """
     heads, n_q, _ = q.shape
     n_k = k.shape[1]
-    rows_per = max(1, chunk_bytes // (4 * n_k))
-    for h in range(heads):
-        kh = k[h].float()
-        for start in range(0, n_q, rows_per):
-            rows = slice(start, min(n_q, start + rows_per))
-            probs = ((q[h, rows].float() * scale) @ kh.T).softmax(dim=-1)  # (rows, keys)
-            yield h, rows, probs[:, text], probs[:, image]
+    if heads * n_q * n_k * 4 <= chunk_bytes:
+        blocks = [(slice(0, heads), slice(0, n_q))]
+    else:
+        rows_per = max(1, chunk_bytes // (4 * n_k))
+        blocks = [
+            (slice(h, h + 1), slice(r, min(n_q, r + rows_per))) for h in range(heads) for r in range(0, n_q, rows_per)
+        ]
+    for hs, rows in blocks:
+        probs = torch.bmm(q[hs, rows].float() * scale, k[hs].float().transpose(-1, -2))  # (h, rows, keys)
+        probs = probs.softmax(dim=-1)
+        yield hs, rows, probs[..., text], probs[..., image]
 
 
 @dataclass
@@ -254,32 +259,37 @@ class DitRecorder:
         heads, n_img = q.shape[0], q.shape[1]
         text_sum = share_sum = None
         self_keys = torch.zeros(n_img, self._cells.shape[1], device=q.device)  # head sum, keys pooled
-        raw = []
+        raw = None
         err = 0.0
         if text is None:  # image-only attention (SD3.5's attn2)
             chunks = joint_text_probs(q, key, slice(0, 0), image, scale)
         else:
             chunks = joint_text_probs(q, key, text, image, scale)
-        for _h, rows, p_text, p_img in chunks:
-            img_mass = p_img.sum(dim=-1, keepdim=True)
-            self_keys[rows] += pool_last(p_img / img_mass, self.plan.grid, self.self_grid, self._cells)
-            if text is None:
-                continue
-            share = p_text.sum(dim=-1)  # (rows,)
+        keep_raw = text is not None and len(self.raw) < self.plan.keep_raw
+        for hs, rows, p_text, p_img in chunks:
+            share = p_text.sum(dim=-1)  # (h, rows)
+            img_mass = 1 - share  # the rest of each row: summing the wide image block again costs more than the QK^T
             if self.plan.check_sums:
-                err = max(err, float((share + img_mass[:, 0] - 1).abs().max()))
-            if self.plan.keep_raw and len(self.raw) < self.plan.keep_raw:
-                raw.append(p_text.clone())
-            folded = (p_text / share[:, None]) @ self._fold  # (rows, stored)
-            if text_sum is None:
-                text_sum = torch.zeros(n_img, folded.shape[1], device=q.device)
-                share_sum = torch.zeros(n_img, device=q.device)
-            text_sum[rows] += folded
-            share_sum[rows] += share
+                err = max(err, float((share + p_img.sum(dim=-1) - 1).abs().max()))
+            if text is not None:
+                if keep_raw:
+                    if raw is None:
+                        raw = torch.empty(heads, n_img, p_text.shape[-1], device=q.device)
+                    raw[hs, rows] = p_text
+                folded = ((p_text / share[..., None]) @ self._fold).sum(dim=0)  # (rows, stored), heads summed
+                if text_sum is None:
+                    text_sum = torch.zeros(n_img, folded.shape[1], device=q.device)
+                    share_sum = torch.zeros(n_img, device=q.device)
+                text_sum[rows] += folded
+                share_sum[rows] += share.sum(dim=0)
+            inv = img_mass.reciprocal_().unsqueeze(-1)  # (h, rows, 1)
+            image_rows = p_img[0] * inv[0]  # (rows, image keys), renormalised over the image keys, heads summed
+            for h in range(1, p_img.shape[0]):
+                image_rows.addcmul_(p_img[h], inv[h])
+            self_keys[rows] += pool_last(image_rows, self.plan.grid, self.self_grid, self._cells)
         self.max_sum_error = max(self.max_sum_error, err)
-        if raw:
-            per_head = torch.cat(raw).reshape(heads, n_img, -1)
-            self.raw.append((name, q.detach().clone(), key.detach().clone(), scale, per_head))
+        if raw is not None:
+            self.raw.append((name, q.detach().clone(), key.detach().clone(), scale, raw))
         if text_sum is not None:
             if band in self._text:
                 self._text[band] += text_sum

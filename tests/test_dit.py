@@ -105,12 +105,15 @@ def test_chunked_probabilities_equal_unchunked() -> None:
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(3, 50, 8, generator=g), torch.randn(3, 61, 8, generator=g)
     text, image = slice(50, 61), slice(0, 50)
-    whole = {h: (pt, pi) for h, _r, pt, pi in joint_text_probs(q, k, text, image, 0.35)}
+    (_hs, _r, p_text, p_img), *more = joint_text_probs(q, k, text, image, 0.35)  # every head in one block
+    assert not more and p_text.shape == (3, 50, 11) and p_img.shape == (3, 50, 50)
     parts: dict[int, list] = {}
-    for h, _rows, pt, pi in joint_text_probs(q, k, text, image, 0.35, chunk_bytes=4 * 61 * 7):
-        parts.setdefault(h, []).append((pt.clone(), pi.clone()))
-    for h, (pt, pi) in whole.items():
-        assert len(parts[h]) == 8  # 7 rows a chunk
+    for hs, _rows, pt, pi in joint_text_probs(q, k, text, image, 0.35, chunk_bytes=4 * 61 * 7):
+        assert hs.stop - hs.start == 1 and pt.shape[1] <= 7  # one head, 7 rows a block
+        parts.setdefault(hs.start, []).append((pt[0].clone(), pi[0].clone()))
+    for h in range(3):
+        pt, pi = p_text[h], p_img[h]
+        assert len(parts[h]) == 8
         # a different row count may change the GEMM's blocking: equal to float32 rounding
         assert torch.allclose(torch.cat([p for p, _ in parts[h]]), pt, atol=1e-7, rtol=0)
         assert torch.allclose(torch.cat([p for _, p in parts[h]]), pi, atol=1e-7, rtol=0)
