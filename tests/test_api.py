@@ -3,6 +3,9 @@ word maps equal to `generate_trace`'s, provenance stored, LoRA kept, one run per
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
 )
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 import stepx
 from pipeline.generate import GenerationConfig, generate_trace
@@ -21,6 +25,9 @@ from pipeline.models import load_model
 from pipeline.observe import CaptureError
 from pipeline.tiny import build_tiny_pipeline
 
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "dashboard" / "app.py")
+STEPX = str(ROOT / ".venv" / "bin" / "stepx")
 PROMPT = "a red circle on the left"
 CALL = {"num_inference_steps": 3, "guidance_scale": 3.0, "width": 64, "height": 64, "output_type": "np"}
 
@@ -123,7 +130,7 @@ def test_any_scheduler(tmp_path, scheduler):
     assert rec.run.word_map("circle").shape == (32, 32) and rec.run.word_map("circle", step=2).sum() > 0
 
 
-def test_img2img_counts_steps_from_strength(tmp_path):
+def test_img2img_counts_steps_from_strength_and_shows_provenance(tmp_path, monkeypatch):
     pipe = StableDiffusionImg2ImgPipeline(**_pipe().components)
     pipe.set_progress_bar_config(disable=True)
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -136,6 +143,23 @@ def test_img2img_counts_steps_from_strength(tmp_path):
     assert info["steps"] == 2 and info["strength"] == pytest.approx(0.5)
     assert info["pipeline_class"] == "StableDiffusionImg2ImgPipeline" and len(info["init_image_sha256"]) == 64
     assert stepx.open_store(tmp_path).steps(rec.run.run_id) == [0, 1]
+
+    # provenance through the CLI and on the dashboard's Inspect page
+    shown = subprocess.run(
+        [STEPX, "show", rec.run.run_id, "--store", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "pipeline_class: StableDiffusionImg2ImgPipeline" in shown.stdout and "strength: 0.5" in shown.stdout
+    assert f"init_image_sha256: {info['init_image_sha256']}" in shown.stdout
+    monkeypatch.setenv("STEPX_STORE", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.session_state["run_id"] = rec.run.run_id
+    at.switch_page("views/inspect.py").run()
+    assert not at.exception, at.exception
+    texts = "\n".join(t.value for t in at.text)
+    assert "Pipeline: StableDiffusionImg2ImgPipeline (recorded with stepx.record)" in texts
+    assert f"img2img strength 0.5 · init image sha256 {info['init_image_sha256']}" in texts
 
 
 def test_sdxl(tmp_path):

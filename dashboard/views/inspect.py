@@ -111,6 +111,32 @@ def truncation_notice(run: dict, words: list[Word]) -> None:
     st.text(f"Cut: {cut}" if cut else "Cut: (the end of the prompt)")
 
 
+def provenance_lines(run: dict) -> list[str]:
+    """How a run was made (schema 1.5 provenance), one line per fact that applies; [] for older runs."""
+    if not run.get("pipeline_class"):
+        return []
+    how = "recorded with stepx.record" if run.get("source") == "record" else "stepx generate"
+    lines = [f"Pipeline: {run['pipeline_class']} ({how}) · scheduler {run['scheduler']}"]
+    if run.get("lora_adapters"):
+        pairs = zip(run["lora_adapters"], run.get("lora_scales") or [], strict=False)
+        lines.append("LoRA: " + ", ".join(f"{name} x{scale:g}" for name, scale in pairs))
+    if run.get("controlnet"):
+        lines.append(f"ControlNet: {run['controlnet']}")
+    if run.get("strength") is not None:
+        lines.append(f"img2img strength {run['strength']:g} · init image sha256 {run.get('init_image_sha256') or '-'}")
+    return lines
+
+
+def provenance_panel(run: dict) -> None:
+    """An expander with the run's provenance and its scheduler config, when the run has them."""
+    lines = provenance_lines(run)
+    if not lines:
+        return
+    with st.expander("How this run was made"):
+        st.text("\n".join(lines))
+        st.code(run.get("scheduler_config") or "", language="json")
+
+
 def body() -> None:
     st.title("Generate & Inspect")
     s = store()
@@ -129,6 +155,7 @@ def body() -> None:
         f"{run['width']}x{run['height']} px · {run['scheduler']} · run {run_id}"
     )
     truncation_notice(run, words)
+    provenance_panel(run)
     if not words:
         st.warning("This prompt has no words to inspect.")
         return
