@@ -137,6 +137,7 @@ class Store:
         self._unreadable: dict[str, str] = {}
         self._views: dict[str, str] = {}
         self._table_paths: dict[str, list[str]] = {}  # the files each table reads, for this manifest
+        self._checked: tuple[tuple | None, dict[str, list[str]]] | None = None  # the same, unreadable ones left out
         self._file_ok: dict[str, tuple[int, int, int]] = {}  # raw run files found readable, by path
         self._cache_runs = cache_runs
 
@@ -186,9 +187,16 @@ class Store:
             views["word_stats"] = WORD_STATS_SQL
             con = self._con or open_sandboxed(self.root)
             for name, source in views.items():
-                con.execute(view_sql(name, source))
+                try:
+                    con.execute(view_sql(name, source))
+                except duckdb.Error as exc:  # a view binds its first file: leave unreadable raw files out
+                    if name not in RAW_TABLES:
+                        raise self._damaged(f"the {name} segments can't be read: {str(exc)[:80]}") from None
+                    ok = [p for p in files[name] if self._readable(Path(p))]
+                    views[name] = parquet_source(ok, by_name=False) if ok else empty_source(TABLES[name])
+                    con.execute(view_sql(name, views[name]))
             self._con, self._manifest, self._manifest_key, self._views = con, manifest, key, views
-            self._table_paths = files
+            self._table_paths, self._checked = files, None
 
     def _table_files(self, manifest: dict) -> dict[str, list[str]]:
         """The Parquet files behind each table for this manifest: its index segments, and the raw files of
@@ -197,11 +205,25 @@ class Store:
         files = {t: [str(index_dir(self.root) / s["file"]) for s in segments.get(t, [])] for t in INDEX_TABLES}
         present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
         run_ids = [r for r in manifest.get("run_ids", []) if r in present and valid_run_id(r)]
-        self._unreadable = {}
         for table in RAW_TABLES:
-            paths = (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids)
-            files[table] = [str(f) for f in paths if self._readable(f)]
+            files[table] = [str(run_dir(self.root, r) / RUN_FILES[table]) for r in run_ids]
         return files
+
+    def _checked_files(self) -> dict[str, list[str]]:
+        """The table files with raw ones that are missing or not whole Parquet left out (see unreadable_files).
+
+        Checked once per manifest, on first use (~0.1 ms a file), so listing runs never pays for it.
+        """
+        self._refresh()
+        with self._lock:
+            if self._checked is None or self._checked[0] != self._manifest_key:
+                self._unreadable = {}
+                files = {
+                    table: paths if table in INDEX_TABLES else [p for p in paths if self._readable(Path(p))]
+                    for table, paths in self._table_paths.items()
+                }
+                self._checked = (self._manifest_key, files)
+            return self._checked[1]
 
     def _readable(self, path: Path) -> bool:
         """Whether a run file exists and ends like Parquet (remembered by inode, size and mtime: runs are immutable)."""
@@ -228,7 +250,7 @@ class Store:
 
     def unreadable_files(self) -> dict[str, str]:
         """Run files left out of the raw SQL views because they could not be read."""
-        self._refresh()
+        self._checked_files()
         return dict(self._unreadable)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -588,6 +610,5 @@ class Store:
 
     def sql_sources(self) -> tuple[dict[str, Source], dict[str, str]]:
         """What the SQL console shows: each table's Parquet files (the same as the views') and the SQL-defined views."""
-        self._refresh()
-        sources = {table: Source(tuple(paths), TABLES[table]) for table, paths in self._table_paths.items()}
+        sources = {table: Source(tuple(paths), TABLES[table]) for table, paths in self._checked_files().items()}
         return sources, {"word_stats": WORD_STATS_SQL}
