@@ -172,13 +172,16 @@ def body() -> None:
         word = GLOBAL if share else word_picker(words)
         step = step_picker(run["steps"])
         alpha, cmap, norm, levels = display_controls(list(run["levels"]), bands=dit)
+    across = None  # every step is read only when that scale is asked for (a slider rerun reads one map)
+    wanted_across = step is not None and norm["mode"] == "one scale across steps"
     if share:
         heat = text_share(root, run_id, step, levels)
-        steps_max = max(float(text_share(root, run_id, t, levels).max()) for t in range(run["steps"]))
-        across = steps_max if step is not None else None
+        if wanted_across:
+            across = max(float(text_share(root, run_id, t, levels).max()) for t in range(run["steps"]))
     else:
         heat = word_map(root, run_id, word, step, levels)
-        across = across_steps_max(root, run_id, word, run["steps"], levels) if step is not None else None
+        if wanted_across:
+            across = across_steps_max(root, run_id, word, run["steps"], levels)
     scale = scale_of(heat, norm, across)
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
