@@ -131,6 +131,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from shapes.evaluate import evaluate, update_card, write_report
     from shapes.splits import check_suite
 
+    if args.out:
+        check_out_path(args.out, "stepx eval: --out")  # before minutes of evaluation, not after
+    if args.card and not Path(args.card).is_file():
+        raise CliError(f"stepx eval: --card {args.card} is not a model card file", 2)
     if args.card and args.split != "test":
         raise CliError("stepx eval: --card takes test-split numbers only (drop --split validation)", 2)
     try:

@@ -109,3 +109,23 @@ def test_models_lists_registry():
     assert res.returncode == 0
     for name in ("sd15", "sd21-base", "sdxl", "shapes", "tiny-random"):
         assert name in res.stdout
+
+
+def test_limits_table_is_consistent_with_the_registry():
+    """Each limit is well-formed, each model's bounds sit inside the global ones, and every registered
+    model's own defaults pass the table (so a plain `stepx generate --model NAME` is never refused)."""
+    from pipeline.models import REGISTRY
+    from schema.limits import LIMITS, MODEL_LIMITS, LimitError, check_generation, limit_for
+
+    for lim in LIMITS.values():
+        assert lim.help and lim.min <= lim.max
+        assert lim.default is None or lim.min <= lim.default <= lim.max
+    assert set(MODEL_LIMITS) <= set(REGISTRY)
+    for model, bounds in MODEL_LIMITS.items():
+        for name, (lo, hi) in bounds.items():
+            assert LIMITS[name].min <= lo <= hi <= LIMITS[name].max, (model, name)
+    for spec in REGISTRY.values():
+        check_generation(spec.name, spec.steps, spec.size, spec.size, 0, spec.guidance)
+        too_big = limit_for("width", spec.name).max + 8
+        with pytest.raises(LimitError, match=f"width must be between .* got {too_big}"):
+            check_generation(spec.name, width=too_big)
