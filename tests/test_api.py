@@ -276,3 +276,17 @@ def test_prompt_embeds_alone_refused(tmp_path):
     embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
     with stepx.record(pipe, store=tmp_path), pytest.raises(ValueError, match="prompt text"):
         pipe(prompt_embeds=embeds, generator=_gen(), **{**CALL, "guidance_scale": 1.0})
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use StepX from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"pipe": _pipe()})  # noqa: S102 - the README's own example
+    first, second = capsys.readouterr().out.splitlines()
+    run_id = first.split()[0]
+    assert first == f"{run_id} (32, 32) StableDiffusionPipeline DDIMScheduler"
+    assert second.startswith("1 (32, 32) (1024, 1024) (0, ")
+    store = stepx.open_store(tmp_path / "data" / "store")
+    assert [r["run_id"] for r in store.runs()] == [run_id] and store.run(run_id)["tags"] == ["lora-test"]
