@@ -16,7 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cross_rows import add_cross_rows, add_word_stats, rebuild_daam, step_levels, word_groups
+from pipeline.cross_rows import (
+    add_cross_rows,
+    add_word_stats,
+    parquet_options,
+    rebuild_daam,
+    step_levels,
+    word_groups,
+)
 from pipeline.index import update_index, work_folder, write_step
 from pipeline.trace import Trace, encode_image
 from schema import RUN_FILES, TABLES, file_metadata
@@ -139,7 +146,8 @@ def write_tables(
         for name, table in tables.items():
             path = work / RUN_FILES[name]
             table = table.replace_schema_metadata(file_metadata())
-            pq.write_table(table, path, compression="zstd", row_group_size=_row_group_size(name, table, steps))
+            rows = _row_group_size(name, table, steps)
+            pq.write_table(table, path, compression="zstd", row_group_size=rows, **parquet_options(name))
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
             total += path.stat().st_size
