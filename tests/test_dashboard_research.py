@@ -5,6 +5,7 @@ build shows its progress; plus the map-drawing functions those pages call."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -188,6 +189,7 @@ def test_model_list_is_not_asked_on_slider_reruns(traced_store, monkeypatch):
         return real(cmd, *a, **kw)
 
     monkeypatch.setattr(state.subprocess, "run", counting)
+    state._model_list.clear()  # a fresh server: the list has never been asked for
     root, traces = traced_store
     at = page(monkeypatch, root, "inspect", traces[0].run["run_id"])
     for step in (1, 2, 3, 4, 1):
@@ -206,7 +208,7 @@ def test_model_list_refreshes_behind_the_page(monkeypatch):
 
     lst = state.ModelList()
     gate = threading.Event()
-    answers = iter([[{"name": "first"}], [{"name": "second"}]])
+    answers = itertools.chain([[{"name": "first"}]], itertools.repeat([{"name": "second"}]))
 
     def ask(self):
         entries = next(answers)
