@@ -30,6 +30,13 @@ def _store(root: str) -> Store:
 
 
 def store_path() -> str:
+    """The folder the dashboard reads: $STEPX_STORE's, or an S3 store's local replica (synced every few seconds)."""
+    from schema.location import is_remote
+
+    if is_remote(None):
+        from store.remote import local_root
+
+        return str(local_root())
     return str(store_root())
 
 

@@ -25,6 +25,7 @@ from schema.version import stepx_version
 from stepx import commands_jobs as jobs_cmd
 from stepx import commands_read as read
 from stepx import commands_run as run
+from stepx import commands_scale as scale
 from stepx.commands_base import CliError, checked_store, log_exception, os_error_line
 
 
@@ -110,7 +111,7 @@ def _text(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="store folder (default: $STEPX_STORE or data/store)")
+    common.add_argument("--store", help="store folder or s3://bucket/prefix (default: $STEPX_STORE or data/store)")
     p = _Parser(prog="stepx", description="StepX: trace and explore attention in diffusion models.")
     p.add_argument("--version", action="version", version=f"stepx {stepx_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("action", choices=["build"])
     ga.add_argument("--spec", help="gallery spec JSON (default data/gallery/curated.json)")
     ga.add_argument("--model", type=_text, help="override the spec's model")
+    scale.add_ray_options(ga)
 
     an = sub.add_parser("annotate", parents=[common], help="TITAN object annotations as COCO JSON")
     target = an.add_mutually_exclusive_group(required=True)
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--steps", type=_limited("steps"), default=20)
     y.add_argument("--geometry", choices=["shapes", "sd15"], default="shapes")
     y.add_argument("--seed", type=_limited("seed"), default=0)
+    scale.add_batch_parser(sub, common)
     return p
 
 
@@ -211,7 +214,8 @@ COMMANDS = {
     "sql": read.cmd_sql,
     "index": read.cmd_index,
     "models": read.cmd_models,
-    "gallery": run.cmd_gallery,
+    "gallery": scale.cmd_gallery,
+    "batch": scale.cmd_batch,
     "annotate": run.cmd_annotate,
     "eval": run.cmd_eval,
     "worker": run.cmd_worker,
@@ -256,6 +260,8 @@ BAD_INPUT = (  # exit 2: the request is wrong (an argument, a run id, a setting,
     "store.errors:WordNotFound",
     "store.errors:QueryError",
     "jobs.gallery:SpecError",
+    "jobs.batch:BatchError",
+    "schema.location:StoreLocationError",
 )
 CANNOT_SERVE = (  # exit 1: a valid request the store or the machine can't serve
     "store.errors:StoreError",

@@ -26,8 +26,32 @@ class CliError(Exception):
         self.status = status
 
 
+# Commands that write a store in place; an S3 store is written by `batch` and `gallery build` (jobs.batch).
+LOCAL_WRITERS = ("generate", "depth", "index", "worker", "jobs", "synth", "probe")
+
+
 def checked_store(args: argparse.Namespace) -> Path:
-    """The store folder named by --store (or $STEPX_STORE); CliError when it names something else."""
+    """The store folder named by --store (or $STEPX_STORE); CliError when it names something else.
+
+    For an S3 store (s3://bucket/prefix) it is the local read replica (store.remote), synced first, and
+    read commands get that folder as their --store; `batch` and `gallery` keep the URL to write to.
+    """
+    from schema.location import StoreLocationError, parse_location
+
+    try:
+        loc = parse_location(getattr(args, "store", None))
+    except StoreLocationError as exc:
+        raise CliError(f"stepx: {exc}", 2) from None
+    if loc is not None:
+        command = getattr(args, "command", "")
+        if command in LOCAL_WRITERS:
+            raise CliError(f"stepx {command}: writes a local store only; an S3 store is written by stepx batch", 2)
+        from store.remote import local_root
+
+        root = local_root(loc.url)
+        if command not in ("batch", "gallery"):
+            args.store = str(root)
+        return root
     root = store_root(getattr(args, "store", None))
     if root.exists() and not root.is_dir():
         raise CliError(f"stepx: --store {root} is a file, not a store folder; give a folder (it may be new)", 2)
