@@ -2,6 +2,7 @@
 
     stepx generate "a red circle on the left" --steps 20 --seed 1
     stepx runs | stepx show RUN | stepx sql "SELECT ..." | stepx index rebuild | stepx models
+    stepx probe RUN --words "dog, sky"
 
 Torch is imported only by the commands that run a model. Every failure is one line on stderr: status 2
 for bad input, 1 when the store or machine cannot serve a valid request; unexpected errors also
@@ -23,6 +24,7 @@ from pathlib import Path
 from schema.limits import LIMITS, LimitError, check_value
 from schema.version import stepx_version
 from stepx import commands_jobs as jobs_cmd
+from stepx import commands_probe as probe
 from stepx import commands_read as read
 from stepx import commands_run as run
 from stepx import commands_scale as scale
@@ -137,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth-model", default="zoedepth", choices=["zoedepth", "dpt", "depth-anything"])
     d.add_argument("--depth-path", help="folder holding the depth estimator")
 
+    pr = sub.add_parser("probe", parents=[common], help="maps for words not in a run's prompt (re-runs it exactly)")
+    pr.add_argument("run_id")
+    pr.add_argument("--words", required=True, help='comma-separated probe words, e.g. "dog, sky"')
+    pr.add_argument("--model-path", help="folder holding the run's diffusers pipeline")
+    pr.add_argument("--device", choices=["cpu", "cuda"], help="default: the run's own device")
+
     r = sub.add_parser("runs", parents=[common], help="list runs")
     r.add_argument("--search", type=_text, help="text in the prompt")
     r.add_argument("--tag", type=_text)
@@ -221,6 +229,7 @@ COMMANDS = {
     "worker": run.cmd_worker,
     "jobs": jobs_cmd.cmd_jobs,
     "depth": run.cmd_depth,
+    "probe": probe.cmd_probe,
     "synth": run.cmd_synth,
 }
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +130,35 @@ def test_limits_table_is_consistent_with_the_registry():
         too_big = limit_for("width", spec.name).max + 8
         with pytest.raises(LimitError, match=f"width must be between .* got {too_big}"):
             check_generation(spec.name, width=too_big)
+
+
+def test_run_from_before_stored_nouns_reads_and_says_not_available(tmp_path):
+    """A run written with schema 1.1 (no noun columns) is rebuilt into the index with nulls, and TITAN says
+    in one line that its nouns are not available instead of loading a tagger."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.synth import synth_store
+    from store import Store
+
+    synth_store(tmp_path, 1, steps=2, seed=3)
+    run_id = Store(tmp_path).runs()[0]["run_id"]
+    old = {b"stepx.schema_version": b"1.1"}
+    folder = tmp_path / "runs" / run_id
+    tokens = pq.read_table(folder / "tokens.parquet").drop_columns(["noun_lemma", "noun_plural"])
+    pq.write_table(tokens.replace_schema_metadata(old), folder / "tokens.parquet")
+    runs = pq.read_table(folder / "runs.parquet")
+    runs = runs.set_column(
+        runs.schema.get_field_index("schema_version"),
+        "schema_version",
+        pc.cast(pa.array(["1.1"]), runs.schema.field("schema_version").type),
+    )
+    pq.write_table(runs.replace_schema_metadata(old), folder / "runs.parquet")
+    assert stepx("index", "rebuild", store=tmp_path).returncode == 0
+    nouns = stepx(
+        "sql", "SELECT count(*) AS n, count(noun_lemma) AS tagged FROM tokens", "--format", "json", store=tmp_path
+    )
+    assert json.loads(nouns.stdout) == [{"n": len(tokens), "tagged": 0}], nouns.stderr
+    res = stepx("annotate", "--run", run_id, "--out", str(tmp_path / "c.json"), store=tmp_path)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "written before StepX stored object nouns" in res.stderr and not (tmp_path / "c.json").exists()

@@ -51,7 +51,8 @@ for page in sorted(p.name for p in Path("dashboard/views").glob("*.py") if p.nam
     problems += [f"{page}: {e.message}" for e in at.exception]
     shown.append((page, size(at.main)))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1].split(","))
-print(json.dumps({"heavy": heavy, "problems": problems, "shown": shown}))
+loaded = [m for m in ("streamlit", "analysis.titan", "analysis.detection", "store.reader") if m in sys.modules]
+print(json.dumps({"heavy": heavy, "problems": problems, "shown": shown, "loaded": loaded}))
 """
 
 
@@ -79,6 +80,7 @@ def test_dashboard_pages_load_no_torch_at_runtime(tmp_path):
     drawn = dict(report["shown"])
     assert drawn.pop("coco") >= 1  # TITAN found at least one object from the stored nouns
     assert all(n > 3 for n in drawn.values()), drawn  # every page drew its elements
+    assert len(report["loaded"]) == 4, report["loaded"]  # the check sees the modules the pages really ran
     assert report["heavy"] == [], report["heavy"]
 
 
