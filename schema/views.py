@@ -1,8 +1,9 @@
 """The SQL views users query: names and meanings stay stable across schema versions.
 
 `runs`, `tokens` and `word_step_stats` read the store's index segments; `cross_attention`,
-`self_attention` and `images` read every run's own Parquet file (complete but slower at scale);
-`word_stats` summarises `word_step_stats` over steps.
+`self_attention` and `images` read the own Parquet files of exactly the runs the index lists
+(complete but slower at scale), so every view shows the same runs; `word_stats` summarises
+`word_step_stats` over steps.
 """
 
 from __future__ import annotations
