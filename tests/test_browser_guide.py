@@ -105,7 +105,10 @@ def test_every_page_has_an_annotated_screenshot(shapes_store):
 
         page.goto(f"{url}/guide")
         page.get_by_text("What each page answers", exact=True).wait_for()
-        marks["Guide"] = [page.get_by_text("What each page answers", exact=True), page.get_by_text("Glossary", exact=True)]
+        marks["Guide"] = [
+            page.get_by_text("What each page answers", exact=True),
+            page.get_by_text("Glossary", exact=True),
+        ]
         shots["Guide"] = annotated_screenshot(page, SCREENSHOTS / PAGES["Guide"][0], marks["Guide"])
     for name, listed in marks.items():
         assert len(listed) == len(PAGES[name][2]), name  # one mark per numbered line in the Guide
