@@ -15,20 +15,37 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Protocol
 
 import diffusers
 import numpy as np
 import torch
 
-from pipeline.capture_dit import DitPlan, DitRecorder, decode_dit_previews, dit_bands, dit_capture, is_flux
-from pipeline.generate import PREVIEW_MAX_PX, GenerationConfig, _to_pil, new_run_id
+from pipeline.capture_dit import DitPlan, DitRecorder, dit_bands, dit_capture, is_flux
+from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, to_pil
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
+from pipeline.provenance import scheduler_config_json
 from pipeline.trace import TokenInfo, Trace, run_row
 from schema.version import stepx_version
 
 CLIP_POSITIONS = 77  # SD3's CLIP part of the text sequence, whatever the prompt
 SHARE_TOKEN = -1  # token_index of the text-share pseudo-token
+
+
+class ResolvedConfig(Protocol):
+    """What a DiT run reads of `pipeline.generate.GenerationConfig` (resolved; a dataclass, stored as JSON)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    tags: list[str]
+    gallery: str | None
+    true_cfg: float
 
 
 def is_dit(pipe: object) -> bool:
@@ -37,9 +54,7 @@ def is_dit(pipe: object) -> bool:
 
 
 def _clip_tokens(tokenizer: object, prompt: str, offset: int, first_word: int) -> tuple[list[TokenInfo], int, bool]:
-    """CLIP positions as stored tokens, with the (position -> stored) fold and whether the prompt was cut."""
-    from pipeline.generate import prompt_tokens
-
+    """CLIP positions as stored tokens (every one with a map), its word count and whether the prompt was cut."""
     tokens, truncated = prompt_tokens(tokenizer, prompt)
     for t in tokens:
         t.token_index += offset
@@ -111,7 +126,21 @@ def dit_tokens(pipe: object, prompt: str, text_length: int) -> tuple[list[TokenI
     return stored, fold, truncated
 
 
-def run_dit_pipeline(model: LoadedModel, cfg: GenerationConfig) -> object:
+@torch.no_grad()
+def decode_dit_previews(pipe: object, recorder: DitRecorder, height: int, width: int) -> list[torch.Tensor]:
+    """Each step's predicted x0 = x_t - sigma * v (flow matching), decoded with the pipeline's VAE to [-1, 1]."""
+    vae = pipe.vae
+    images = []
+    for sigma, x, v in recorder.velocities:
+        x0 = x - sigma * v
+        if recorder.plan.flux:
+            x0 = pipe._unpack_latents(x0, height, width, pipe.vae_scale_factor)  # (1, C, H, W) from packed tokens
+        lat = x0.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images.append(vae.decode(lat).sample)
+    return images
+
+
+def run_dit_pipeline(model: LoadedModel, cfg: ResolvedConfig) -> object:
     """Call an SD3 or Flux pipeline for a resolved config; returns the final PIL image."""
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     kwargs = {
@@ -142,7 +171,7 @@ def token_grid(pipe: object, height: int, width: int) -> tuple[int, int]:
 
 def generate_dit_trace(
     model: LoadedModel,
-    cfg: GenerationConfig,
+    cfg: ResolvedConfig,
     on_step: Callable[[int, int], None] | None = None,
     check_sums: bool = False,
     t_start: float | None = None,
@@ -170,7 +199,7 @@ def generate_dit_trace(
         final = run_dit_pipeline(model, cfg)
     denoise_ms = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
-    previews = [_to_pil(img, PREVIEW_MAX_PX)[0] for img in decode_dit_previews(pipe, recorder, cfg.height, cfg.width)]
+    previews = [to_pil(img, PREVIEW_MAX_PX)[0] for img in decode_dit_previews(pipe, recorder, cfg.height, cfg.width)]
     preview_ms = (time.perf_counter() - t1) * 1000
     created = datetime.now(UTC)
     band_keys = [(grid[0], grid[1], "band", b.label, i) for i, b in enumerate(bands)]
@@ -205,6 +234,8 @@ def generate_dit_trace(
         tags=list(cfg.tags),
         gallery=cfg.gallery,
         config_json=json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+        pipeline_class=type(pipe).__name__,
+        scheduler_config=scheduler_config_json(pipe.scheduler),
     )
     return Trace(
         run=run,
