@@ -14,7 +14,8 @@ import pyarrow as pa
 # 1.4: diffusion transformers: runs.architecture / level_modules (block bands), tokens.encoder, token kinds
 #      'padding' and 'text_share'
 # 1.5: provenance of runs recorded around a user's pipeline (stepx.record): runs.source, pipeline_class,
-#      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256
+#      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256; optional
+#      probe_maps table (open-vocabulary probes, `stepx probe`)
 SCHEMA_VERSION = "1.5"
 VERSION_KEY = b"stepx.schema_version"
 
@@ -225,6 +226,35 @@ DEPTH = pa.schema(
     ]
 )
 
+PROBE_MAPS = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("probe", pa.string(), "The probe text, encoded on its own by the run's text encoder ('dog')."),
+        _f("token_index", pa.int32(), "Position in the probe text's encoding (not the prompt's)."),
+        _f("token_text", pa.string(), "The token's text (one BPE piece)."),
+        _f("word_index", pa.int32(), "Index of the probe text's word; null for start/end."),
+        _f("word", pa.string(), "The probe word the piece belongs to."),
+        _f("kind", pa.string(), "Always 'probe': not a prompt token (the tokens table holds those)."),
+        _f("token_kind", pa.string(), "'start', 'word' or 'end' within the probe text."),
+        _f("step_index", pa.int32(), "Denoising step, 0 = first.", False),
+        _f("timestep", pa.float32(), "Scheduler timestep of that step."),
+        _f("map_height", pa.int32(), "Map height (the latent grid)."),
+        _f("map_width", pa.int32(), "Map width."),
+        _f(
+            "daam_map",
+            pa.list_(pa.float32()),
+            "The probe token's DAAM map at this step, row-major: image queries against the probe's keys (softmax "
+            "over the probe text's positions), aggregated as the prompt's level 'all'.",
+        ),
+        _f("mass", pa.float32(), "Mean of the map."),
+        _f("peak", pa.float32(), "Largest value of the map."),
+        _f("entropy", pa.float32(), "Normalised entropy 0-1 of the map as a distribution."),
+        _f("centroid_x", pa.float32(), "Map-weighted mean x, 0 = left edge, 1 = right edge."),
+        _f("centroid_y", pa.float32(), "Map-weighted mean y, 0 = top edge, 1 = bottom edge."),
+        _f("spread", pa.float32(), "Map-weighted RMS distance from the centroid, in image widths."),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "tokens": TOKENS,
@@ -233,6 +263,7 @@ TABLES: dict[str, pa.Schema] = {
     "self_attention": SELF_ATTENTION,
     "images": IMAGES,
     "depth": DEPTH,  # optional: written later, beside the other files, by `stepx depth`
+    "probe_maps": PROBE_MAPS,  # optional: written later, beside the other files, by `stepx probe`
 }
 RUN_FILES: dict[str, str] = {name: f"{name}.parquet" for name in TABLES}
 # Small tables the store's index copies into its own segments, so listing and SQL stay fast at scale.

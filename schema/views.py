@@ -16,6 +16,7 @@ USER_VIEWS: dict[str, str] = {
     "cross_attention": "Raw per-step, per-token, per-level cross-attention maps with statistics.",
     "self_attention": "Raw downsampled self-attention matrices (aggregate and per step).",
     "images": "Final images and per-step previews as encoded bytes.",
+    "probe_maps": "Open-vocabulary probe maps (`stepx probe`): per probe token and step, beside the run.",
 }
 
 WORD_STATS_SQL = """

@@ -51,6 +51,7 @@ GLOBAL = "Global"
 TEXT_SHARE_TOKEN = -1  # token_index of a DiT run's text-share pseudo-token (pipeline.generate_dit)
 ALL_LEVELS = None
 RAW_TABLES = ("cross_attention", "self_attention", "images")
+OPTIONAL_TABLES = ("probe_maps",)  # written later beside some runs (`stepx probe`): the runs that have one
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Store:
                 try:
                     con.execute(view_sql(name, source))
                 except duckdb.Error as exc:  # a view binds its first file: leave unreadable raw files out
-                    if name not in RAW_TABLES:
+                    if name not in RAW_TABLES + OPTIONAL_TABLES:
                         raise self._damaged(f"the {name} segments can't be read: {str(exc)[:80]}") from None
                     ok = [p for p in files[name] if self._readable(Path(p))]
                     views[name] = parquet_source(ok, by_name=False) if ok else empty_source(TABLES[name])
@@ -207,6 +208,9 @@ class Store:
         run_ids = [r for r in manifest.get("run_ids", []) if r in present and valid_run_id(r)]
         for table in RAW_TABLES:
             files[table] = [str(run_dir(self.root, r) / RUN_FILES[table]) for r in run_ids]
+        for table in OPTIONAL_TABLES:
+            paths = (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids)
+            files[table] = [str(p) for p in paths if p.is_file()]
         return files
 
     def _checked_files(self) -> dict[str, list[str]]:
@@ -583,6 +587,42 @@ class Store:
         row = pf.read().to_pylist()[0]
         depth = np.asarray(row.pop("map"), dtype=np.float32).reshape(row["height"], row["width"])
         return depth, row
+
+    def _probe_table(self, run_id: str) -> pa.Table | None:
+        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["probe_maps"]
+        try:
+            pf = pq.ParquetFile(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: probe_maps.parquet is unreadable ({exc})") from exc
+        check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
+        return pf.read()
+
+    def probes(self, run_id: str) -> list[str]:
+        """The probe texts stored beside a run (`stepx probe`), in the order they were probed."""
+        table = self._probe_table(run_id)
+        return [] if table is None else list(dict.fromkeys(table.column("probe").to_pylist()))
+
+    def probe_map(self, run_id: str, probe: str, word: str | None = None, step: int | None = None) -> np.ndarray:
+        """A probe's map on the latent grid, as `word_map` builds a word's: its word tokens' DAAM maps averaged,
+        the steps summed (or one step). `word` picks one word of a several-word probe text."""
+        table = self._probe_table(run_id)
+        if table is None:
+            raise StoreError(f"run {run_id} has no probe maps (run `stepx probe {run_id} --words ...`)")
+        rows = [
+            r
+            for r in table.to_pylist()
+            if r["probe"] == probe and r["token_kind"] == "word" and (word is None or r["word"] == word)
+        ]
+        rows = [r for r in rows if step is None or r["step_index"] == step]
+        if not rows:
+            raise WordNotFound(f"run {run_id} has no probe {probe!r}" + (f" word {word!r}" if word else ""))
+        shape = (rows[0]["map_height"], rows[0]["map_width"])
+        steps: dict[int, list[np.ndarray]] = {}
+        for r in rows:
+            steps.setdefault(r["step_index"], []).append(np.asarray(r["daam_map"], dtype=np.float32).reshape(shape))
+        return np.sum([np.mean(maps, axis=0) for maps in steps.values()], axis=0)
 
     def image(self, run_id: str, step: int | None = None) -> tuple[bytes, str]:
         """(encoded bytes, format) of the final image (step=None) or one step's preview."""

@@ -1,0 +1,101 @@
+"""Open-vocabulary probes: the re-run reproduces the stored image bit for bit (or the probe is refused), a probe
+whose text is the prompt reproduces the prompt's stored maps, probe maps are stored beside the run and queryable."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.generate import GenerationConfig, generate_trace
+from pipeline.models import load_model
+from pipeline.probe import ProbeRefused, compute_probes, probe_table, write_probes
+from pipeline.trace_writer import write_trace
+from schema.layout import run_dir
+from store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPX = str(ROOT / ".venv" / "bin" / "stepx")
+PROMPT = "a red circle on the left"
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """A tiny-random run in a fresh store, and the model that made it."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("store")
+    model = load_model("tiny-random", device="cpu")
+    trace = generate_trace(model, GenerationConfig(PROMPT, seed=3, steps=3, guidance=3.0))
+    write_trace(root, trace)
+    return root, model, trace.run["run_id"]
+
+
+def _stored_final(store: Store, run_id: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(store.image(run_id)[0])).convert("RGB"))
+
+
+def test_prompt_as_probe_reproduces_stored_maps(probed):
+    root, model, run_id = probed
+    store = Store(root)
+    stored = _stored_final(store, run_id)
+    result, final = compute_probes(model, store.run(run_id), stored, [PROMPT])
+    assert np.array_equal(final, stored)
+    write_probes(root, run_id, probe_table(run_id, result))
+    store = Store(root)
+    assert PROMPT in store.probes(run_id)
+    for word in ("red", "circle", "left"):
+        probe, stored_map = store.probe_map(run_id, PROMPT, word=word), store.word_map(run_id, word)
+        r = np.corrcoef(probe.ravel(), stored_map.ravel())[0, 1]
+        assert r >= 0.999, (word, r)
+        np.testing.assert_allclose(probe, stored_map, rtol=1e-4, atol=1e-6)
+        one = store.probe_map(run_id, PROMPT, word=word, step=1)
+        np.testing.assert_allclose(one, store.word_map(run_id, word, step=1), rtol=1e-4, atol=1e-6)
+
+
+def test_probe_refused_when_the_image_does_not_reproduce(probed):
+    root, model, run_id = probed
+    store = Store(root)
+    stored = _stored_final(store, run_id).copy()
+    stored[0, 0, 0] ^= 1
+    with pytest.raises(ProbeRefused, match=r"doesn't reproduce .* \(1 pixels differ\)"):
+        compute_probes(model, store.run(run_id), stored, ["dog"])
+    run = dict(store.run(run_id), model_fingerprint="0" * 16)
+    with pytest.raises(ProbeRefused, match="weights differ"):
+        compute_probes(model, run, _stored_final(store, run_id), ["dog"])
+
+
+def test_cli_probe_stores_maps_queryable_in_sql(probed):
+    root, _model, run_id = probed
+    out = subprocess.run(
+        [STEPX, "probe", run_id, "--words", "dog, sky", "--store", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["dog", "sky"]
+    assert (run_dir(root, run_id) / "probe_maps.parquet").is_file()
+    q = (
+        "SELECT probe, kind, count(DISTINCT step_index) AS steps FROM probe_maps "
+        "WHERE token_kind = 'word' GROUP BY ALL ORDER BY probe"
+    )
+    sql = subprocess.run([STEPX, "sql", q, "--store", str(root), "--format", "json"], capture_output=True, text=True)
+    assert sql.returncode == 0, sql.stderr
+    rows = {r["probe"]: r for r in json.loads(sql.stdout)}
+    assert rows["dog"]["kind"] == "probe" and rows["dog"]["steps"] == 3 and "sky" in rows
+    assert Store(root).probe_map(run_id, "dog").shape == (32, 32)
+
+
+@pytest.mark.parametrize("words", ["", " , ,"])
+def test_cli_probe_without_words_is_one_line(probed, words):
+    root, _model, run_id = probed
+    out = subprocess.run(
+        [STEPX, "probe", run_id, "--words", words, "--store", str(root)], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--words" in out.stderr
