@@ -281,3 +281,26 @@ def test_dashboard_pages_on_dit_runs(dit_store: tuple, monkeypatch: pytest.Monke
     ]
     for name in ("detect", "compare", "gallery", "sql", "guide"):
         page(name, traces["flux"].run["run_id"])
+
+
+def test_runs_without_the_dit_columns_still_read(tmp_path) -> None:
+    """A run whose files predate schema 1.4 (no tokens.encoder, runs.architecture / level_modules) reads as UNet."""
+    from datetime import UTC, datetime
+
+    from jobs.synth import synth_trace
+    from pipeline.trace_writer import build_tables, write_tables
+    from store import Store
+
+    trace = synth_trace(np.random.default_rng(0), datetime(2026, 1, 1, tzinfo=UTC), "shapes", steps=2)
+    tables = build_tables(trace)
+    tables["tokens"] = tables["tokens"].drop_columns(["encoder"])
+    tables["runs"] = tables["runs"].drop_columns(["architecture", "level_modules"])
+    rid = trace.run["run_id"]
+    write_tables(tmp_path, rid, tables, 2)
+    store = Store(tmp_path)
+    assert store.run(rid)["architecture"] is None and store.encoders(rid) == []
+    words = store.words(rid)
+    assert words and all(w.encoder is None for w in words)
+    assert store.word_map(rid, words[1].word).shape == (16, 16)
+    res = store.sql("SELECT count(*) FROM tokens WHERE encoder IS NULL")
+    assert res.rows[0][0] == len(trace.tokens)
