@@ -21,59 +21,19 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from schema.limits import LIMITS, LimitError, check_value
+from schema.limits import LIMITS
 from schema.version import stepx_version
 from stepx import commands_jobs as jobs_cmd
 from stepx import commands_probe as probe
 from stepx import commands_read as read
 from stepx import commands_run as run
 from stepx import commands_scale as scale
-from stepx.commands_base import CliError, checked_store, log_exception, os_error_line
+from stepx.commands_base import CliError, checked_store, count, limited, log_exception, os_error_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         raise CliError(f"{self.prog}: {message} (see {self.prog} --help)", 2)
-
-
-def _whole(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
-def _limited(name: str) -> Callable[[str], int | float]:
-    """An argument type checked against schema.limits' table (the model's own bounds come later)."""
-
-    def parse(text: str) -> int | float:
-        value: int | float
-        if LIMITS[name].integer:
-            value = _whole(text)
-        else:
-            try:
-                value = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        try:
-            return check_value(name, value)
-        except LimitError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = name
-    return parse
-
-
-def _count(most: int) -> Callable[[str], int]:
-    """A whole number from 1 to `most`."""
-
-    def parse(text: str) -> int:
-        v = _whole(text)
-        if not 1 <= v <= most:
-            raise argparse.ArgumentTypeError(f"must be between 1 and {most:,}, got {v}")
-        return v
-
-    return parse
 
 
 def _seconds(most: float) -> Callable[[str], float]:
@@ -123,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--model", help="registry name (see `stepx models`)")
     g.add_argument("--model-path", help="folder holding a diffusers pipeline")
-    g.add_argument("--seed", type=_limited("seed"), default=0)
-    g.add_argument("--steps", type=_limited("steps"))
-    g.add_argument("--guidance", type=_limited("guidance"))
-    g.add_argument("--width", type=_limited("width"))
-    g.add_argument("--height", type=_limited("height"))
+    g.add_argument("--seed", type=limited("seed"), default=0)
+    g.add_argument("--steps", type=limited("steps"))
+    g.add_argument("--guidance", type=limited("guidance"))
+    g.add_argument("--width", type=limited("width"))
+    g.add_argument("--height", type=limited("height"))
     g.add_argument("--tag", type=_text, action="append", default=[], help="tag the run (repeatable)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     g.add_argument("--depth", action="store_true", help="also estimate depth of the final image")
@@ -149,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--search", type=_text, help="text in the prompt")
     r.add_argument("--tag", type=_text)
     r.add_argument("--model", type=_text)
-    r.add_argument("--limit", type=_count(1_000_000), default=50)
+    r.add_argument("--limit", type=count(1_000_000), default=50)
 
     s = sub.add_parser("show", parents=[common], help="one run's metadata and tokens")
     s.add_argument("run_id")
@@ -159,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql_flags = {"max_rows": "--max-rows", "timeout_s": "--timeout", "memory_limit_mb": "--memory-limit-mb"}
     for name, flag in sql_flags.items():  # the SQL console's limits (README "Security model")
-        q.add_argument(flag, dest=name, type=_limited(name), default=LIMITS[name].default, help=LIMITS[name].help)
+        q.add_argument(flag, dest=name, type=limited(name), default=LIMITS[name].default, help=LIMITS[name].help)
 
     i = sub.add_parser("index", parents=[common], help="maintain the store's index")
     i.add_argument("action", choices=["rebuild"])
@@ -189,17 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], help="score the embedded model on its test (or validation) split")
     ev.add_argument("--model", default="shapes")
     ev.add_argument("--split", choices=["test", "validation"], default="test", help="which evaluation split")
-    ev.add_argument("--n", type=_count(10_000), default=30, help="scenes of the split (1 to 256)")
-    ev.add_argument("--seeds", type=_count(10_000), default=5, help="noise seeds per scene (1 to 100)")
-    ev.add_argument("--steps", type=_limited("steps"), default=20)
-    ev.add_argument("--guidance", type=_limited("guidance"), help="default: the model's")
+    ev.add_argument("--n", type=count(10_000), default=30, help="scenes of the split (1 to 256)")
+    ev.add_argument("--seeds", type=count(10_000), default=5, help="noise seeds per scene (1 to 100)")
+    ev.add_argument("--steps", type=limited("steps"), default=20)
+    ev.add_argument("--guidance", type=limited("guidance"), help="default: the model's")
     ev.add_argument("--out", help="also write the report as JSON")
     ev.add_argument("--card", help="also put the test table into this model card (its stepx eval section)")
 
     jb = sub.add_parser("jobs", parents=[common], help="the generation queue: list jobs, or cancel one")
     jb.add_argument("action", nargs="?", choices=["list", "cancel"], default="list")
-    jb.add_argument("job_id", nargs="?", type=_count(2**62), help="the job to cancel")
-    jb.add_argument("--limit", type=_count(100_000), default=20, help="newest jobs to list")
+    jb.add_argument("job_id", nargs="?", type=count(2**62), help="the job to cancel")
+    jb.add_argument("--limit", type=count(100_000), default=20, help="newest jobs to list")
 
     wk = sub.add_parser("worker", parents=[common], help="run queued generation jobs (the dashboard's Generate)")
     wk.add_argument("--once", action="store_true", help="exit when the queue is empty")
@@ -207,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--device", choices=["cpu", "cuda"])
 
     y = sub.add_parser("synth", parents=[common], help="write synthetic runs (for scale tests)")
-    y.add_argument("--runs", type=_count(1_000_000), required=True)
-    y.add_argument("--steps", type=_limited("steps"), default=20)
+    y.add_argument("--runs", type=count(1_000_000), required=True)
+    y.add_argument("--steps", type=limited("steps"), default=20)
     y.add_argument("--geometry", choices=["shapes", "sd15"], default="shapes")
-    y.add_argument("--seed", type=_limited("seed"), default=0)
+    y.add_argument("--seed", type=limited("seed"), default=0)
     scale.add_batch_parser(sub, common)
     return p
 

@@ -10,10 +10,12 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from schema.layout import store_root
+from schema.limits import LIMITS, LimitError, check_value
 
 LOG_NAME = "stepx.log"  # <store>/logs/stepx.log: tracebacks of unexpected errors, newest last
 
@@ -28,6 +30,47 @@ class CliError(Exception):
 
 # Commands that write a store in place; an S3 store is written by `batch` and `gallery build` (jobs.batch).
 LOCAL_WRITERS = ("generate", "depth", "index", "worker", "jobs", "synth", "probe")
+
+
+def whole(text: str) -> int:
+    """An argparse type: a whole number written in digits."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def limited(name: str) -> Callable[[str], int | float]:
+    """An argparse type checked against schema.limits' table (a model's own bounds are checked later)."""
+
+    def parse(text: str) -> int | float:
+        value: int | float
+        if LIMITS[name].integer:
+            value = whole(text)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_value(name, value)
+        except LimitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def count(most: int) -> Callable[[str], int]:
+    """A whole number from 1 to `most`."""
+
+    def parse(text: str) -> int:
+        v = whole(text)
+        if not 1 <= v <= most:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {most:,}, got {v}")
+        return v
+
+    return parse
 
 
 def checked_store(args: argparse.Namespace) -> Path:
@@ -95,6 +138,8 @@ def check_out_path(path: str | Path, what: str = "--out") -> Path:
         raise CliError(f"{what} is empty; give a file name", 2)
     if out.is_dir():
         raise CliError(f"{what} {out} is a folder; give a file name", 2)
+    if out.exists() and not out.is_file():  # a device or pipe: an atomic rename would replace the node itself
+        raise CliError(f"{what} {out} is not a regular file (a device or a pipe); give a file name", 2)
     if not out.parent.is_dir():
         raise CliError(f"{what} {out}: the folder {out.parent} does not exist", 2)
     return out
@@ -104,10 +149,6 @@ def write_output(path: str | Path, text: str, what: str = "--out") -> Path:
     """Write a command's output file whole or not at all (temp file + rename); CliError with one line."""
     out = check_out_path(path, what)
     try:
-        if out.exists() and not out.is_file():  # a device such as /dev/null or /dev/full: write in place
-            with open(out, "w", encoding="utf-8") as f:
-                f.write(text)
-            return out
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -78,8 +78,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for name, spec in DEPTH_MODELS.items():
         ok, where = depth_availability(name)
-        entries.append({"name": name, "title": f"depth: {spec.repo_id}", "present": ok, "where": where,
-                        "default": name == "zoedepth", "role": "depth"})  # fmt: skip
+        entry = {"name": name, "title": f"depth: {spec.repo_id}", "present": ok, "where": where}
+        entries.append({**entry, "default": name == "zoedepth", "role": "depth"})
     if args.format == "json":
         print(json.dumps(entries))
         return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stepx.commands_base import CliError
+from stepx.commands_base import CliError, count, limited
 
 
 def add_batch_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_batch_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     b.add_argument("prompts", help="a .txt file (one prompt a line) or a .parquet file with a 'prompt' column")
     b.add_argument("--seeds", default="0", help="seeds, e.g. 0-9 or 0,2,5 (default 0)")
     b.add_argument("--model", help="registry name (see `stepx models`; default: the embedded model)")
-    b.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    b.add_argument("--steps", type=limited("steps"), help="denoising steps (default: the model's)")
     b.add_argument("--gallery", help="name the runs' gallery")
     add_ray_options(b)
 
@@ -30,7 +30,7 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
         help="run on a Ray cluster (ADDRESS such as ray://head:10001 or auto; none: a local cluster)",
     )  # fmt: skip
-    p.add_argument("--workers", type=int, help="model-holding actors (default: one per GPU, else per CPU)")
+    p.add_argument("--workers", type=count(1024), help="model-holding actors (default: one per GPU, else per CPU)")
 
 
 def _run(items: list, args: argparse.Namespace, model: str) -> dict:

@@ -57,6 +57,7 @@ HOSTILE_PATHS = {  # per option; never a folder the command could write into out
 }
 UNKNOWN_FLAGS = ["--bogus", "--steps-", "-z", "---", "--version=2", "--💥"]
 NUMERIC_FLAGS = {
+    "--workers",
     "--steps",
     "--seed",
     "--guidance",
@@ -88,7 +89,9 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
             {"name": "fz", "model": "tiny-random", "steps": 2, "entries": [{"prompt": "a red circle", "seeds": [1]}]}
         )
     )
-    return {"base": base, "store": store, "spec": spec, "run": Store(store).runs()[0]["run_id"]}
+    prompts = base / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    return {"base": base, "store": store, "spec": spec, "prompts": prompts, "run": Store(store).runs()[0]["run_id"]}
 
 
 def valid_lists(env: dict) -> list[list[str]]:
@@ -132,6 +135,8 @@ def valid_lists(env: dict) -> list[list[str]]:
         ["jobs", "list", "--limit", "3"],
         ["worker", "--once", "--poll", "0.1", "--device", "cpu"],
         ["synth", "--runs", "1", "--steps", "2", "--geometry", "shapes", "--seed", "1"],
+        ["batch", str(env["prompts"]), "--seeds", "0-1", "--model", "tiny-random", "--steps", "2", "--gallery", "fb"],
+        ["probe", run, "--words", "dog, sky", "--device", "cpu"],
         ["train-shapes", "--set", "nosuchfield=1", "--work", str(env["base"] / "tw"), "--max-steps", "0"],
     ]
 
@@ -194,6 +199,7 @@ def bounded(argv: list[str], env: dict) -> list[str]:
         "eval": ["--n", "1", "--seeds", "1", "--steps", "2"],
         "gallery": ["--spec", str(env["spec"])],
         "generate": ["--model", "tiny-random", "--steps", "2"],
+        "batch": ["--model", "tiny-random", "--steps", "2"],
     }.get(argv[0] if argv else "", [])
     if argv[:1] == ["train-shapes"]:  # last wins: the fuzz folder, and a field no Config has, so nothing trains
         return argv + ["--work", str(env["base"] / "tw"), "--set", "nosuchfield=1"]
@@ -239,7 +245,8 @@ def test_every_subcommand_is_fuzzed(fuzz_env):
 def test_valid_lists_succeed(quiet_env):
     for argv in valid_lists(quiet_env):
         code, _, err = run_inprocess(argv)
-        want = {"depth": 1, "train-shapes": 2}.get(argv[0], 0)  # no depth weights here; --set nosuchfield
+        # no depth weights here; a synthetic run has no model to re-run for probes; --set names no Config field
+        want = {"depth": 1, "probe": 1, "train-shapes": 2}.get(argv[0], 0)
         assert code == want, (argv, err)
         check_outcome(argv, code, err, False)
 
@@ -349,14 +356,14 @@ def test_disk_full_while_writing_a_run_leaves_nothing_visible(quiet_env, tmp_pat
     assert Store(store).runs() == []
 
 
-def test_out_to_dev_full_and_to_a_folder(quiet_env):
+def test_out_to_a_device_or_a_folder_is_refused_before_work(quiet_env):
+    """An atomic write would rename over /dev/full itself (as root): devices and folders are refused up front."""
     run = quiet_env["run"]
-    code, _, err = run_inprocess(["annotate", "--run", run, "--out", "/dev/full"])
-    assert code == 1 and err.strip() == (
-        "stepx annotate: --out: disk full writing /dev/full: free some space and run the command again"
-    )
-    code, _, err = run_inprocess(["annotate", "--run", run, "--out", str(quiet_env["base"])])
-    assert code == 2 and "is a folder" in err
+    for out, needle in (("/dev/full", "is not a regular file"), (str(quiet_env["base"]), "is a folder")):
+        for argv in (["annotate", "--run", run, "--out", out], ["eval", "--n", "1", "--seeds", "1", "--out", out]):
+            code, _, err = run_inprocess(argv)
+            assert code == 2 and needle in err and err.count("\n") == 1, (argv, err)
+    assert Path("/dev/full").is_char_device()
 
 
 # Real processes for the cheap cases (the model-loading ones run as processes in test_cli.py).
