@@ -99,3 +99,48 @@ def test_cli_probe_without_words_is_one_line(probed, words):
         [STEPX, "probe", run_id, "--words", words, "--store", str(root)], capture_output=True, text=True
     )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--words" in out.stderr
+
+
+def shape_probe_rate(root: Path, n: int) -> dict[str, float]:
+    """On the shapes model's test split (first noise seed of each of n scenes): per object whose shape is the only
+    one of its kind in the scene and that was drawn, whether the probe of its shape noun alone ("square") puts its
+    map's centroid on the drawn object, and whether that centroid is nearer its centre than any other object's."""
+    from schema.stats import map_stats
+    from shapes import splits
+    from shapes.check import check_image
+    from shapes.scenes import parse_caption
+
+    model = load_model("shapes", device="cpu")
+    store = Store(root)
+    on, nearest, total = 0, 0, 0
+    for i, scene in enumerate(splits.suite("test", n)):
+        seed = splits.noise_seeds("test", i, 1)[0]
+        run_id = write_trace(root, generate_trace(model, GenerationConfig(scene.caption, seed=seed))).run_id
+        image = _stored_final(store, run_id)
+        checks = check_image(image, parse_caption(scene.caption)).objects
+        names = [o.spec.shape for o in scene.objects]
+        probes = [s for s in dict.fromkeys(names) if names.count(s) == 1]
+        result, _ = compute_probes(model, store.run(run_id), image, probes)
+        for text, maps in zip(result.texts, result.maps, strict=True):
+            j = names.index(text)
+            if not checks[j].colour_ok:  # not drawn: nothing to land on
+                continue
+            word = [k for k, t in enumerate(t for t in result.tokens[result.texts.index(text)] if t.has_map)
+                    if t.kind == "word"]  # fmt: skip
+            heat = maps[:, word].mean(axis=1).sum(axis=0)
+            stats = map_stats(heat[None])
+            cx, cy = float(stats["centroid_x"][0]), float(stats["centroid_y"][0])
+            h, w = image.shape[:2]
+            total += 1
+            on += bool(checks[j].mask[min(h - 1, int(cy * h)), min(w - 1, int(cx * w))])
+            dists = [np.hypot(cx * w - o.centre[0], cy * h - o.centre[1]) for o in scene.objects]
+            nearest += int(np.argmin(dists)) == j
+    return {"objects": total, "on_object": on / max(total, 1), "nearest_object": nearest / max(total, 1)}
+
+
+@pytest.mark.slow
+def test_shape_probe_lands_on_its_object(tmp_path):
+    torch.set_num_threads(1)
+    rates = shape_probe_rate(tmp_path, 30)
+    print(rates)
+    assert rates["objects"] >= 20 and rates["nearest_object"] >= 0.8, rates
