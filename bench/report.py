@@ -41,6 +41,21 @@ def write_readme(r: dict, path: Path) -> None:
     p = r["projected_sd15_trace"]
     lines.append(_row("trace size, SD 1.5 geometry (512 px, 50 steps, 12 tokens)", f"{p['mb']:.2f} MB",
                       f"<= {p['target_mb']} MB", p["mb"] <= p["target_mb"]))  # fmt: skip
+    dit = r.get("dit", {})
+    for c in dit.get("capture_overhead", []):
+        lines.append(_row(
+            f"DiT capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, true CFG {c['true_cfg']:g}, "
+            f"1 thread (bands {', '.join(c['bands'])})",
+            f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
+            f"<= {c['target_ratio']:.2f}x", c["overhead_ratio"] <= c["target_ratio"],
+        ))  # fmt: skip
+    for key, what in (
+        ("projected_sd3_1024_28_steps", "trace size, SD3 geometry (1024 px, 28 steps)"),
+        ("projected_flux_schnell_1024_4_steps", "trace size, FLUX.1-schnell geometry (1024 px, 4 steps)"),
+    ):
+        if key in dit:
+            p = dit[key]
+            lines.append(_row(what, f"{p['mb']:.2f} MB", f"<= {p['target_mb']} MB", p["mb"] <= p["target_mb"]))
     for lk in r["word_map_lookup"]:
         lines.append(_row(f"word-map lookup, {lk['runs']:,} runs (p50 / p95)",
                           f"{lk['p50_ms']} / {lk['p95_ms']} ms",
