@@ -53,6 +53,8 @@ def _env() -> dict[str, str]:
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (or start a local one on 127.0.0.1) unless already connected."""
+    if not address:  # a local cluster stays on the loopback (read by ray when first imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -61,10 +63,7 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(
-            _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env, log_to_driver=False,
-            num_cpus=os.cpu_count(),
-        )  # fmt: skip
+        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=False, num_cpus=os.cpu_count())
 
 
 def slots() -> tuple[int, dict]:
