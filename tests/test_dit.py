@@ -279,7 +279,13 @@ def test_dashboard_pages_on_dit_runs(dit_store: tuple, monkeypatch: pytest.Monke
     assert [i.proto.imgs[0].caption for i in regions.get("image")] == [
         f"Pixel heatmap · 6 cells · max {expected.max():.4g}"
     ]
-    for name in ("detect", "compare", "gallery", "sql", "guide"):
+    flux = page("inspect", traces["flux"].run["run_id"])
+    assert flux.multiselect(key="inspect_levels").options == ["double-0-0", "double-1-1", "single-0-0", "single-1-1"]
+    assert "inspect_encoder" not in [r.key for r in flux.radio]  # Flux attends to T5 positions only
+    assert "sofa" in flux.radio(key="inspect_word").options
+    flux.multiselect(key="inspect_levels").set_value(["single-1-1"]).run()
+    assert not flux.exception
+    for name in ("regions", "detect", "compare", "gallery", "sql", "guide"):
         page(name, traces["flux"].run["run_id"])
 
 
