@@ -561,6 +561,9 @@ def main() -> None:
     from bench.dit import dit_results
 
     results["dit"] = dit_results()  # issue 18: tiny SD3 / Flux capture overhead, projected 1024 px trace sizes
+    from bench.scale import scale_results
+
+    results["scale"] = scale_results()  # issue 19: serial vs Ray, 1,000 runs local vs S3, 100k projected
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     from bench.report import write_readme
 
