@@ -295,6 +295,8 @@ class UnetCapture:
     def begin(self, recorders: list[AttentionRecorder]) -> None:
         """Wrap the processors of the modules the recorders' plan captures."""
         self.recorders = list(recorders)
+        if not self.recorders:
+            return
         self._sigmas = log_sigmas(self.pipe.scheduler)  # the scheduler may change between calls
         plan = self.recorders[0].plan
         n_down = len(self.unet.config.down_block_types)

@@ -82,6 +82,8 @@ def compute_probes(
     model: LoadedModel, run: dict, stored_final: np.ndarray, texts: Sequence[str]
 ) -> tuple[ProbeResult, np.ndarray]:
     """Re-run `run` with probes for `texts`; raise ProbeRefused unless the final image reproduces bit for bit."""
+    if not texts:
+        raise ValueError("no probe texts given")
     if run.get("architecture") not in (None, "unet"):
         raise ProbeRefused(f"probes need a UNet run; run {run['run_id']} is {run['architecture']}")
     if run.get("source") == "record":

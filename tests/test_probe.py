@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 from pipeline.generate import GenerationConfig, generate_trace
 from pipeline.models import load_model
@@ -70,7 +71,7 @@ def test_probe_refused_when_the_image_does_not_reproduce(probed):
         compute_probes(model, run, _stored_final(store, run_id), ["dog"])
 
 
-def test_cli_probe_stores_maps_queryable_in_sql(probed):
+def test_cli_probe_stores_maps_queryable_in_sql_and_shown_on_inspect(probed, monkeypatch):
     root, _model, run_id = probed
     out = subprocess.run(
         [STEPX, "probe", run_id, "--words", "dog, sky", "--store", str(root)],
@@ -91,6 +92,23 @@ def test_cli_probe_stores_maps_queryable_in_sql(probed):
     assert rows["dog"]["kind"] == "probe" and rows["dog"]["steps"] == 3 and "sky" in rows
     assert Store(root).probe_map(run_id, "dog").shape == (32, 32)
 
+    # Inspect lists the probes apart from the prompt's words and shows the picked one's map
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.session_state["run_id"] = run_id
+    at.switch_page("views/inspect.py").run()
+    assert not at.exception, at.exception
+    picker = at.selectbox(key="inspect_probe")
+    assert picker.options == ["none", PROMPT, "dog", "sky"]  # the prompt itself was probed above
+    word_raw = [c.value for c in at.caption if c.value.startswith("Raw values")]
+    picker.select("dog").run()
+    assert not at.exception, at.exception
+    store = Store(root)
+    shown = [store.probe_map(run_id, "dog", step=t).max() for t in range(3)] + [store.probe_map(run_id, "dog").max()]
+    probe_raw = [c.value for c in at.caption if c.value.startswith("Raw values")]
+    assert probe_raw != word_raw and any(f"max {m:.4g} " in probe_raw[0] for m in shown)
+
 
 @pytest.mark.parametrize("words", ["", " , ,"])
 def test_cli_probe_without_words_is_one_line(probed, words):
@@ -101,7 +119,7 @@ def test_cli_probe_without_words_is_one_line(probed, words):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--words" in out.stderr
 
 
-def shape_probe_rate(root: Path, n: int) -> dict[str, float]:
+def shape_probe_rate(root: Path, n: int, template: str = "{}") -> dict[str, float]:
     """On the shapes model's test split (first noise seed of each of n scenes): per object whose shape is the only
     one of its kind in the scene and that was drawn, whether the probe of its shape noun alone ("square") puts its
     map's centroid on the drawn object, and whether that centroid is nearer its centre than any other object's."""
@@ -120,13 +138,15 @@ def shape_probe_rate(root: Path, n: int) -> dict[str, float]:
         checks = check_image(image, parse_caption(scene.caption)).objects
         names = [o.spec.shape for o in scene.objects]
         probes = [s for s in dict.fromkeys(names) if names.count(s) == 1]
-        result, _ = compute_probes(model, store.run(run_id), image, probes)
-        for text, maps in zip(result.texts, result.maps, strict=True):
-            j = names.index(text)
+        if not probes:
+            continue
+        result, _ = compute_probes(model, store.run(run_id), image, [template.format(p) for p in probes])
+        for shape, text, maps in zip(probes, result.texts, result.maps, strict=True):
+            j = names.index(shape)
             if not checks[j].colour_ok:  # not drawn: nothing to land on
                 continue
-            word = [k for k, t in enumerate(t for t in result.tokens[result.texts.index(text)] if t.has_map)
-                    if t.kind == "word"]  # fmt: skip
+            stored = [t for t in result.tokens[result.texts.index(text)] if t.has_map]
+            word = [k for k, t in enumerate(stored) if t.kind == "word" and t.word == shape]
             heat = maps[:, word].mean(axis=1).sum(axis=0)
             stats = map_stats(heat[None])
             cx, cy = float(stats["centroid_x"][0]), float(stats["centroid_y"][0])

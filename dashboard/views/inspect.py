@@ -111,6 +111,14 @@ def truncation_notice(run: dict, words: list[Word]) -> None:
     st.text(f"Cut: {cut}" if cut else "Cut: (the end of the prompt)")
 
 
+def probe_picker(probes: list[str]) -> str | None:
+    """The stored probe to show instead of the word (None: the word), marked as a probe; nothing when none."""
+    if not probes:
+        return None
+    choice = st.selectbox("Probe: a word not in the prompt (`stepx probe`)", ["none", *probes], key="inspect_probe")
+    return None if choice == "none" else choice
+
+
 def provenance_lines(run: dict) -> list[str]:
     """How a run was made (schema 1.5 provenance), one line per fact that applies; [] for older runs."""
     if not run.get("pipeline_class"):
@@ -170,6 +178,7 @@ def body() -> None:
         share = dit and st.toggle("Text share: how much each pixel listens to the prompt at all",
                                   key="inspect_text_share", help=tip)  # fmt: skip
         word = GLOBAL if share else word_picker(words)
+        probe = None if dit else probe_picker(s.probes(run_id))
         step = step_picker(run["steps"])
         alpha, cmap, norm, levels = display_controls(list(run["levels"]), bands=dit)
     across = None  # every step is read only when that scale is asked for (a slider rerun reads one map)
@@ -182,10 +191,14 @@ def body() -> None:
         heat = word_map(root, run_id, word, step, levels)
         if wanted_across:
             across = across_steps_max(root, run_id, word, run["steps"], levels)
+    if probe is not None:  # a word not in the prompt, stored beside the run by `stepx probe`
+        heat = s.probe_map(run_id, probe, step=step)
+        if wanted_across:
+            across = max(float(s.probe_map(run_id, probe, step=t).max()) for t in range(run["steps"]))
     scale = scale_of(heat, norm, across)
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
-    label = "Text share" if share else word_label(words, word)
+    label = "Text share" if share else f"probe: {probe}" if probe else word_label(words, word)
     over = "all steps (mean)" if share else "all steps (sum)"
     where = over if step is None else f"step {step + 1} of {run['steps']}"
     with left:
@@ -201,7 +214,7 @@ def body() -> None:
             st.image(image_bytes(root, run_id, None), width=min(DISPLAY_PX, run["width"] * 4))
         depth_panel(run_id, run, alpha, cmap, size)
     with right:
-        downloads(run_id, run, word, label, levels, alpha, cmap, size)
+        downloads(run_id, run, word, word_label(words, word) if probe else label, levels, alpha, cmap, size)
 
 
 def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int, int]) -> None:
