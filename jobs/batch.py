@@ -25,6 +25,9 @@ from schema.limits import LimitError, check_prompt, check_value
 from schema.location import parse_location
 
 RETRIES = 1  # a failed item is tried once more before it is reported
+# Called with the run id after a run's files are uploaded and before its index commit (a test seam: the
+# killed-worker test dies there). None in normal use.
+BEFORE_COMMIT: Callable[[str], None] | None = None
 
 
 class BatchError(ValueError):
@@ -126,12 +129,15 @@ class Target:
         if self.loc is None:
             write_tables(self.root, run_id, tables, len(trace.steps), exist_ok=True)
             return
-        from pipeline.remote_index import publish_run
+        from pipeline.remote_index import commit_runs, upload_run
 
         scratch = Path(tempfile.mkdtemp(prefix="stepx-batch-"))
         try:
             write_tables(scratch, run_id, tables, len(trace.steps), index=False)
-            publish_run(self.loc, run_dir(scratch, run_id), run_id)
+            upload_run(self.loc, run_dir(scratch, run_id), run_id)
+            if BEFORE_COMMIT is not None:
+                BEFORE_COMMIT(run_id)
+            commit_runs(self.loc, {run_id: run_dir(scratch, run_id)})
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

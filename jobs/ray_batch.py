@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import jobs.batch
 from jobs.batch import RETRIES, BatchItem, Target, run_item
 
 FORWARDED_ENV = ("AWS_", "STEPX_", "HF_", "OMP_NUM_THREADS", "TRANSFORMERS_")  # what workers need from the driver
@@ -36,15 +37,19 @@ class BatchActor:
         self.target = Target(store)
 
     def run(self, item: BatchItem) -> dict:
-        marker = os.environ.get(CRASH_ONCE_ENV)
-        if marker:
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                os._exit(1)  # the worker process dies in the middle of an item, as a killed machine would
-            except FileExistsError:
-                pass
+        if os.environ.get(CRASH_ONCE_ENV):
+            jobs.batch.BEFORE_COMMIT = _crash_once
         retry, self.retrying = self.retrying, False
         return {**run_item(self.model, item, self.target), "pid": os.getpid(), "retry": retry}
+
+
+def _crash_once(run_id: str) -> None:
+    """Kill this worker process the first time any worker gets here (its files uploaded, nothing committed)."""
+    try:
+        os.close(os.open(os.environ[CRASH_ONCE_ENV], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)  # dies in the middle of an item, as a killed machine would
 
 
 def _env() -> dict[str, str]:
