@@ -290,3 +290,26 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert second.startswith("1 (32, 32) (1024, 1024) (0, ")
     store = stepx.open_store(tmp_path / "data" / "store")
     assert [r["run_id"] for r in store.runs()] == [run_id] and store.run(run_id)["tags"] == ["lora-test"]
+
+
+def test_ip_adapter_processor_wrapped_output_identical():
+    """IP-Adapter's processor under capture: the same output, and the text branch's queries/keys observed."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    from pipeline.observe import wrap_processor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=4, dim_head=8)
+    ip = IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=16, num_tokens=(4,), scale=0.7)
+    torch.nn.init.normal_(ip.to_k_ip[0].weight)
+    torch.nn.init.normal_(ip.to_v_ip[0].weight)
+    attn.set_processor(ip)
+    hidden, text, image = torch.randn(2, 64, 32), torch.randn(2, 7, 16), torch.randn(2, 4, 16)
+    plain = attn(hidden, encoder_hidden_states=(text, [image]))
+    seen = []
+    attn.set_processor(wrap_processor(attn, "ip.attn2", lambda q, k, m, s: seen.append((q, k, s))))
+    traced = attn(hidden, encoder_hidden_states=(text, [image]))
+    assert torch.equal(plain, traced)
+    ((q, k, scale),) = seen
+    assert q.shape == (2, 4, 64, 8) and k.shape == (2, 4, 7, 8) and scale == attn.scale
+    assert torch.equal(k, attn.to_k(text).view(2, 7, 4, 8).transpose(1, 2))
