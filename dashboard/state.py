@@ -56,6 +56,13 @@ def word_map(root: str, run_id: str, word: str | int, step: int | None, levels: 
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
+def concept_maps(root: str, run_id: str, step: int | None) -> tuple[list[str], np.ndarray]:
+    """A FLUX.1 run's ConceptAttention maps (Store.concept_maps): (concepts, (concepts, h, w)); none: ([], empty)."""
+    store = _store(root)
+    return store.concept_maps(run_id, step) if store.concepts(run_id) else ([], np.zeros((0, 1, 1), np.float32))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
 def text_share(root: str, run_id: str, step: int | None, levels: tuple[str, ...] | None) -> np.ndarray:
     """A DiT run's text share (Store.text_share), cached like the word maps."""
     return _store(root).text_share(run_id, step, list(levels) if levels else None)

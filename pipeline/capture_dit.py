@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.capture import SELF_GRID_MAX_AREA, STEP_GRID_MAX_AREA, pool_attention
+from pipeline.concepts import ConceptStreams
 from pipeline.dit_processors import CaptureFluxAttnProcessor, CaptureJointAttnProcessor
 from pipeline.trace import StepRecord
 from schema.maps import halve
@@ -156,6 +157,7 @@ class DitRecorder:
 
     plan: DitPlan
     on_step: Callable[[int], None] | None = None
+    concepts: ConceptStreams | None = None  # ConceptAttention (Flux, `--concepts`): maps in its own table
     steps: list[StepRecord] = field(default_factory=list)
     velocities: list[tuple[float, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (sigma, x_t, v)
     raw: list[tuple[str, torch.Tensor, torch.Tensor, float, torch.Tensor]] = field(default_factory=list)
@@ -190,11 +192,15 @@ class DitRecorder:
             self.flush()
             self._step += 1
             self._timestep = timestep
+            if self.concepts is not None:
+                self.concepts.begin_call()
 
     def flush(self) -> None:
         """Average this step's bands and copy them to the host in one transfer."""
         if self._step < 0 or not (self._text or self._self_n):
             return
+        if self.concepts is not None:
+            self.concepts.flush(self.plan.grid)
         keys = list(self._text)
         parts = []
         for key in keys:
@@ -219,18 +225,8 @@ class DitRecorder:
         cross = {k: host[i * size : (i + 1) * size].reshape(n_tok, h, w) for i, k in enumerate(keys)}
         daam = host[len(keys) * size : (len(keys) + 1) * size].reshape(n_tok, h, w) if keys else None
         self_np = host[(len(keys) + 1) * size :].reshape(self_step.shape) if self_step is not None else None
-        self.steps.append(
-            StepRecord(
-                self._step,
-                self._timestep,
-                cross,
-                dict(self._layers),
-                self_np,
-                self._self_n,
-                dict(self._heads),
-                daam,
-            )
-        )
+        layers, heads = dict(self._layers), dict(self._heads)
+        self.steps.append(StepRecord(self._step, self._timestep, cross, layers, self_np, self._self_n, heads, daam))
         self._text, self._share, self._layers, self._heads = {}, {}, {}, {}
         self._self_sum, self._self_n = None, 0
         if self.on_step is not None:
@@ -247,6 +243,13 @@ class DitRecorder:
         return (self._self_agg / self._self_agg_steps).float().cpu().numpy()
 
     # -- called by the processors -------------------------------------------------------------
+    def concept_attention(
+        self, name: str, attn: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Carry the concepts through a Flux double block (captured calls only); see pipeline.concepts."""
+        if self.active and self.concepts is not None:
+            self.concepts.attend(int(name.split(".")[1]), attn, key, value, out)
+
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, image: slice, text: slice | None) -> None:
         """One layer's conditional queries/keys, (heads, L, d); `image`/`text` locate the two parts of the sequence."""
         if not self.active:
@@ -378,6 +381,13 @@ def dit_capture(pipe: object, recorder: DitRecorder) -> Iterator[DitRecorder]:
             transformer.cache_context = cache_context
         hooks.append(transformer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         hooks.append(transformer.register_forward_hook(post_hook, with_kwargs=True))
+        if recorder.concepts is not None:
+            streams = recorder.concepts
+
+            def block_hook(_m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                streams.set_temb(kwargs.get("temb", args[2] if len(args) > 2 else None))
+
+            hooks += [b.register_forward_pre_hook(block_hook, with_kwargs=True) for b in streams.blocks]
         yield recorder
         recorder.finish()
     finally:

@@ -19,6 +19,11 @@ class Observer(Protocol):
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, image: slice, text: slice | None) -> None:
         """One layer's conditional (heads, L, d) queries and keys; where image and text sit in the sequence."""
 
+    def concept_attention(
+        self, name: str, attn: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """A Flux double block's image keys/values (1, image, heads, d) and attention output, for the concepts."""
+
 
 class CaptureJointAttnProcessor:
     """diffusers' `JointAttnProcessor2_0` (SD3, SD3.5), op for op, plus the capture. Order: [image, text]."""
@@ -145,6 +150,9 @@ class CaptureFluxAttnProcessor:
             n_txt = self.recorder.plan.text_len
             q, k = query[0].transpose(0, 1), key[0].transpose(0, 1)  # (heads, L, d); true CFG calls are separate
             self.recorder.observe(self.name, q, k, slice(n_txt, None), slice(0, n_txt))
+            if encoder_hidden_states is not None:  # a double-stream block: ConceptAttention rides its text path
+                out = hidden_states[0, n_txt:].flatten(-2)  # (image, heads * d), before the output projection
+                self.recorder.concept_attention(self.name, attn, key[:1, n_txt:], value[:1, n_txt:], out)
 
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -51,6 +51,7 @@ class GenerationConfig:
     tags: list[str] = field(default_factory=list)
     gallery: str | None = None
     true_cfg: float = 1.0  # FLUX.1 only: true classifier-free guidance with the negative prompt when > 1
+    concepts: list[str] = field(default_factory=list)  # FLUX.1 only: ConceptAttention maps ("cat", "sky")
 
     def resolved(self, model: LoadedModel) -> GenerationConfig:
         """A copy with the model's defaults filled in, validated."""
@@ -66,7 +67,10 @@ class GenerationConfig:
             tags=list(self.tags),
             gallery=self.gallery,
             true_cfg=float(self.true_cfg),
+            concepts=list(self.concepts),
         )
+        if cfg.concepts and spec.kind != "flux":
+            raise GenerationError(f"concepts (ConceptAttention) need a FLUX.1 model; {spec.name} is not one")
         patch = 2 if getattr(model.pipe, "transformer", None) is not None else 1  # DiTs: 2x2 latent patches
         validate(cfg, model.pipe.vae_scale_factor * patch, spec.name, model.pipe.scheduler)
         return cfg

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.capture_dit import DitPlan, DitRecorder, dit_bands, dit_capture, is_flux
 from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, to_pil
+from pipeline.concepts import concept_streams, parse_concepts
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import scheduler_config_json
@@ -46,6 +47,7 @@ class ResolvedConfig(Protocol):
     tags: list[str]
     gallery: str | None
     true_cfg: float
+    concepts: list[str]
 
 
 def is_dit(pipe: object) -> bool:
@@ -193,7 +195,8 @@ def generate_dit_trace(
         guidance=cfg.true_cfg if flux else cfg.guidance,
         check_sums=check_sums,
     )
-    recorder = DitRecorder(plan, on_step=(lambda s: on_step(s + 1, cfg.steps)) if on_step else None)
+    streams = concept_streams(pipe, parse_concepts(cfg.concepts)) if flux and parse_concepts(cfg.concepts) else None
+    recorder = DitRecorder(plan, on_step=(lambda s: on_step(s + 1, cfg.steps)) if on_step else None, concepts=streams)
     t0 = time.perf_counter()
     with dit_capture(pipe, recorder):
         final = run_dit_pipeline(model, cfg)
@@ -246,4 +249,7 @@ def generate_dit_trace(
         previews=previews,
         final=final,
         max_sum_error=recorder.max_sum_error,
+        concepts=streams.names if streams else None,
+        concept_maps=streams.steps if streams else None,
+        concept_blocks=len(streams.blocks) - streams.first if streams else 0,
     )

@@ -60,6 +60,9 @@ class Trace:
     previews: list[Image.Image]
     final: Image.Image
     max_sum_error: float = 0.0
+    concepts: list[str] | None = None  # ConceptAttention concepts of a Flux run (pipeline.concepts)
+    concept_maps: list[np.ndarray] | None = None  # per step: (concepts, h, w)
+    concept_blocks: int = 0  # double-stream blocks averaged into each map
 
 
 def run_row(

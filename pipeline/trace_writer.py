@@ -107,7 +107,7 @@ def build_tables(trace: Trace) -> dict[str, pa.Table]:
         images["data"].append(encode_image(img, fmt))
 
     runs = {f.name: [run.get(f.name)] for f in TABLES["runs"]}
-    return {
+    tables = {
         "runs": _table("runs", runs),
         "tokens": _table("tokens", tokens),
         "cross_attention": _table("cross_attention", cross),
@@ -115,6 +115,24 @@ def build_tables(trace: Trace) -> dict[str, pa.Table]:
         "self_attention": _table("self_attention", selfs),
         "images": _table("images", images),
     }
+    if trace.concepts and trace.concept_maps:
+        tables["concept_maps"] = _concept_table(trace)
+    return tables
+
+
+def _concept_table(trace: Trace) -> pa.Table:
+    """The optional concept_maps table: one row per concept and step (ConceptAttention, pipeline.concepts)."""
+    cols: dict[str, list] = {f.name: [] for f in TABLES["concept_maps"]}
+    for rec, maps in zip(trace.steps, trace.concept_maps, strict=True):
+        for i, name in enumerate(trace.concepts):
+            for col, value in (
+                ("run_id", trace.run["run_id"]), ("concept_index", i), ("concept", name),
+                ("step_index", rec.step_index), ("timestep", rec.timestep), ("block_count", trace.concept_blocks),
+                ("map_height", maps.shape[1]), ("map_width", maps.shape[2]),
+                ("map", maps[i].reshape(-1).astype(np.float32)),
+            ):  # fmt: skip
+                cols[col].append(value)
+    return _table("concept_maps", cols)
 
 
 def _row_group_size(name: str, table: pa.Table, steps: int) -> int:

@@ -16,7 +16,8 @@ import pyarrow as pa
 # 1.5: provenance of runs recorded around a user's pipeline (stepx.record): runs.source, pipeline_class,
 #      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256; optional
 #      probe_maps table (open-vocabulary probes, `stepx probe`)
-SCHEMA_VERSION = "1.5"
+# 1.6: optional concept_maps table (ConceptAttention maps of FLUX.1 runs, `--concepts`)
+SCHEMA_VERSION = "1.6"
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -255,6 +256,25 @@ PROBE_MAPS = pa.schema(
     ]
 )
 
+CONCEPT_MAPS = pa.schema(
+    [
+        _f("run_id", pa.string(), "Run id.", False),
+        _f("concept_index", pa.int32(), "Position of the concept in the run's --concepts list.", False),
+        _f("concept", pa.string(), "The concept text ('cat'), encoded on its own by the run's T5."),
+        _f("step_index", pa.int32(), "Denoising step, 0 = first.", False),
+        _f("timestep", pa.float32(), "Scheduler timestep of that step."),
+        _f("block_count", pa.int32(), "Double-stream blocks averaged (FLUX.1: 15-18 of 0-18, scaled to the model)."),
+        _f("map_height", pa.int32(), "Map height (the image-token grid)."),
+        _f("map_width", pa.int32(), "Map width."),
+        _f(
+            "map",
+            pa.list_(pa.float32()),
+            "ConceptAttention (not cross-attention): per pixel, softmax over the concepts of the dot product of the "
+            "pixel's and the concept's attention outputs, row-major; a pixel's maps sum to 1 over the concepts.",
+        ),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "tokens": TOKENS,
@@ -264,6 +284,7 @@ TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "depth": DEPTH,  # optional: written later, beside the other files, by `stepx depth`
     "probe_maps": PROBE_MAPS,  # optional: written later, beside the other files, by `stepx probe`
+    "concept_maps": CONCEPT_MAPS,  # optional: FLUX.1 runs generated with concepts
 }
 RUN_FILES: dict[str, str] = {name: f"{name}.parquet" for name in TABLES}
 # Small tables the store's index copies into its own segments, so listing and SQL stay fast at scale.

@@ -17,6 +17,7 @@ USER_VIEWS: dict[str, str] = {
     "self_attention": "Raw downsampled self-attention matrices (aggregate and per step).",
     "images": "Final images and per-step previews as encoded bytes.",
     "probe_maps": "Open-vocabulary probe maps (`stepx probe`): per probe token and step, beside the run.",
+    "concept_maps": "ConceptAttention maps of FLUX.1 runs generated with `--concepts`: per concept and step.",
 }
 
 WORD_STATS_SQL = """

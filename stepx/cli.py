@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=limited("height"))
     g.add_argument("--tag", type=_text, action="append", default=[], help="tag the run (repeatable)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    g.add_argument("--concepts", type=_text, default="", help='FLUX.1: ConceptAttention maps, e.g. "cat, sky, tree"')
+    true_cfg = "FLUX.1: true classifier-free guidance scale with --negative (two transformer calls a step)"
+    g.add_argument("--true-cfg", type=limited("guidance"), default=1.0, help=true_cfg)
     g.add_argument("--depth", action="store_true", help="also estimate depth of the final image")
     g.add_argument("--depth-model", default="zoedepth", choices=["zoedepth", "dpt", "depth-anything"])
     g.add_argument("--depth-path", help="folder holding the depth estimator")

@@ -30,6 +30,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ModelNotFoundError as exc:
         raise CliError(f"stepx generate: {exc}", 2) from None
     check_generation(name, args.steps, args.height, args.width, args.seed, args.guidance)
+    from pipeline.concepts import parse_concepts
+
+    concepts = parse_concepts(args.concepts)
+    if concepts and get_spec(name).kind != "flux":
+        raise CliError(f"stepx generate: --concepts (ConceptAttention) needs a FLUX.1 model; {name} is not one", 2)
     check_device(args.device)
     config = GenerationConfig(
         prompt=args.prompt,
@@ -40,6 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         tags=args.tag,
+        true_cfg=args.true_cfg,
+        concepts=concepts,
     )
     depth = None
     if args.depth:

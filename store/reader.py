@@ -624,6 +624,37 @@ class Store:
             steps.setdefault(r["step_index"], []).append(np.asarray(r["daam_map"], dtype=np.float32).reshape(shape))
         return np.sum([np.mean(maps, axis=0) for maps in steps.values()], axis=0)
 
+    def concepts(self, run_id: str) -> list[str]:
+        """The ConceptAttention concepts stored for a run, in order ([] when it has none)."""
+        if not (run_dir(self.root, self._indexed(run_id)) / RUN_FILES["concept_maps"]).is_file():
+            return []
+        return self.concept_maps(run_id)[0]
+
+    def concept_maps(self, run_id: str, step: int | None = None) -> tuple[list[str], np.ndarray]:
+        """A FLUX.1 run's ConceptAttention maps (not cross-attention): (concepts, (concepts, h, w) float32), the
+        steps averaged (step=None) or one step's; a pixel's maps sum to 1 over the concepts."""
+        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["concept_maps"]
+        try:
+            pf = pq.ParquetFile(path)
+        except FileNotFoundError:
+            raise StoreError(f"run {run_id} has no ConceptAttention maps (only FLUX.1 runs with concepts)") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: concept_maps.parquet is unreadable ({exc})") from exc
+        check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
+        rows = pf.read(columns=["concept_index", "concept", "step_index", "map_height", "map_width", "map"]).to_pylist()
+        if step is not None:
+            rows = [r for r in rows if r["step_index"] == step]
+            if not rows:
+                raise StoreError(f"run {run_id} has no ConceptAttention maps for step {step}")
+        names = dict(sorted({r["concept_index"]: r["concept"] for r in rows}.items()))
+        h, w = rows[0]["map_height"], rows[0]["map_width"]
+        out = np.zeros((len(names), h, w), np.float32)
+        counts = np.zeros(len(names))
+        for r in rows:
+            out[r["concept_index"]] += np.asarray(r["map"], np.float32).reshape(h, w)
+            counts[r["concept_index"]] += 1
+        return list(names.values()), out / counts[:, None, None].astype(np.float32)
+
     def image(self, run_id: str, step: int | None = None) -> tuple[bytes, str]:
         """(encoded bytes, format) of the final image (step=None) or one step's preview."""
         kind = "final" if step is None else "preview"

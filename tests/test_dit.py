@@ -172,7 +172,8 @@ def dit_store(tmp_path_factory: pytest.TempPathFactory, models: dict) -> tuple:
 
     root = tmp_path_factory.mktemp("dit_store")
     traces = {}
-    for name, kwargs in (("sd3", {}), ("flux", {"negative_prompt": "blurry", "true_cfg": 2.0})):
+    flux = {"negative_prompt": "blurry", "true_cfg": 2.0, "concepts": ["hippopotamus", "sky"]}
+    for name, kwargs in (("sd3", {}), ("flux", flux)):
         trace = generate_trace(models[name], GenerationConfig(prompt=PROMPT, seed=4, steps=3, **kwargs))
         write_trace(root, trace)
         traces[name] = trace
@@ -285,6 +286,10 @@ def test_dashboard_pages_on_dit_runs(dit_store: tuple, monkeypatch: pytest.Monke
     assert "sofa" in flux.radio(key="inspect_word").options
     flux.multiselect(key="inspect_levels").set_value(["single-1-1"]).run()
     assert not flux.exception
+    flux.radio(key="inspect_family").set_value("ConceptAttention").run()
+    flux.radio(key="inspect_concept").set_value(1).run()
+    assert not flux.exception
+    assert flux.get("image")[0].proto.imgs[0].caption.startswith("sky \\(ConceptAttention\\)")
     for name in ("regions", "detect", "compare", "gallery", "sql", "guide"):
         page(name, traces["flux"].run["run_id"])
 
@@ -310,3 +315,60 @@ def test_runs_without_the_dit_columns_still_read(tmp_path) -> None:
     assert store.word_map(rid, words[1].word).shape == (16, 16)
     res = store.sql("SELECT count(*) FROM tokens WHERE encoder IS NULL")
     assert res.rows[0][0] == len(trace.tokens)
+
+
+def test_concept_attention_maps(models: dict, tmp_path) -> None:
+    """ConceptAttention (Flux): the image is unchanged, a pixel's maps sum to 1 over the concepts, and the maps go
+    through the writer to their own table and back; other models refuse concepts in one line."""
+    from pipeline.concepts import concept_streams, parse_concepts
+    from pipeline.generate import GenerationError
+    from pipeline.trace_writer import write_trace
+    from store import Store
+
+    model = models["flux"]
+    assert parse_concepts(" cat, sky,,cat , tree") == ["cat", "sky", "tree"]
+    plain = _call(model, true_cfg=2.5)
+    recorder = _recorder(model, true_cfg=2.5)
+    recorder.concepts = concept_streams(model.pipe, ["hippopotamus", "sofa", "sky"])
+    with dit_capture(model.pipe, recorder):
+        traced = _call(model, true_cfg=2.5)
+    assert torch.equal(plain, traced)
+    maps = recorder.concepts.steps
+    assert len(maps) == 2 and maps[0].shape == (3, 16, 16)
+    assert np.allclose(maps[0].sum(axis=0), 1.0, atol=1e-5) and not np.allclose(maps[0][0], maps[0][1])
+    trace = generate_trace(model, GenerationConfig(prompt=PROMPT, steps=2, concepts=["hippopotamus", "sky"]))
+    assert trace.concepts == ["hippopotamus", "sky"] and trace.concept_blocks == 1
+    write_trace(tmp_path, trace)
+    names, stored = Store(tmp_path).concept_maps(trace.run["run_id"])
+    assert names == ["hippopotamus", "sky"]
+    assert np.allclose(stored, np.mean(trace.concept_maps, axis=0), atol=1e-6)
+    _, step1 = Store(tmp_path).concept_maps(trace.run["run_id"], step=1)
+    assert np.allclose(step1, trace.concept_maps[1])
+    with pytest.raises(GenerationError, match="need a FLUX.1 model"):
+        generate_trace(models["sd3"], GenerationConfig(prompt=PROMPT, steps=1, concepts=["cat"]))
+
+
+@pytest.mark.slow
+def test_cli_generates_flux_with_concepts_and_true_cfg(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from store import Store
+
+    stepx = [sys.executable, "-m", "stepx.cli"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    root = str(tmp_path / "store")
+    args = ["generate", "--store", root, "--model", "tiny-flux", "--steps", "2", "--negative", "blurry",
+            "--true-cfg", "2", "--concepts", "cat, sky", "a cat under the sky"]  # fmt: skip
+    done = subprocess.run(stepx + args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip().splitlines()[-1]
+    names, maps = Store(root).concept_maps(run_id)
+    assert names == ["cat", "sky"] and np.allclose(maps.sum(axis=0), 1, atol=1e-5)
+    assert '"true_cfg": 2.0' in Store(root).run(run_id)["config_json"]
+    refused = subprocess.run(stepx + ["generate", "--store", root, "--model", "tiny-sd3", "--concepts", "cat", "a cat"],
+                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "needs a FLUX.1 model" in refused.stderr
+    assert not Path(root, "runs").exists() or len(list(Path(root, "runs").iterdir())) == 1

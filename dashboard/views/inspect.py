@@ -9,7 +9,16 @@ import streamlit as st
 from dashboard.export import _slug, export_all
 from dashboard.generate import generate_panel
 from dashboard.render import COLORMAPS, Scale, decode, gif_bytes, overlay, with_colorbar
-from dashboard.state import depth_models, guarded, image_bytes, store, store_path, text_share, word_map
+from dashboard.state import (
+    concept_maps,
+    depth_models,
+    guarded,
+    image_bytes,
+    store,
+    store_path,
+    text_share,
+    word_map,
+)
 from dashboard.widgets import normalisation, pick_run, plain, prompt_text, scale_of
 from dashboard.words import cut_words, is_content
 from jobs import queue
@@ -84,6 +93,19 @@ def word_label(words: list[Word], word: str | int) -> str:
         return "Global"
     w = next(w for w in words if w.word_index == word)
     return w.word + (f" ({w.encoder.upper()})" if w.encoder not in (None, "clip") else "")
+
+
+def concept_picker(names: list[str]) -> int | None:
+    """The map family: cross-attention, or ConceptAttention for a FLUX.1 run generated with concepts (its index)."""
+    if not names:
+        return None
+    tip = "ConceptAttention: concepts ride the text path; maps compare attention outputs, softmax over the concepts."
+    family = st.radio("Map family", ["Cross-attention", "ConceptAttention"], horizontal=True, key="inspect_family",
+                      help=tip)  # fmt: skip
+    if family == "Cross-attention":
+        return None
+    return st.radio("Concept", list(range(len(names))), format_func=names.__getitem__, horizontal=True,
+                    key="inspect_concept")  # fmt: skip
 
 
 def encoder_picker(encoders: list[str]) -> str | None:
@@ -171,11 +193,13 @@ def body() -> None:
     dit = run.get("architecture") in ("sd3", "flux")
     with right:
         st.subheader("Attention Controls")
-        encoder = encoder_picker(s.encoders(run_id)) if dit else None
+        concept_names = concept_maps(root, run_id, None)[0] if run.get("architecture") == "flux" else []
+        concept = concept_picker(concept_names)
+        encoder = encoder_picker(s.encoders(run_id)) if dit and concept is None else None
         if encoder is not None:
             words = [w for w in words if w.encoder == encoder]
         tip = "Per pixel, the part of its attention (image and text keys) that goes to any text position."
-        share = dit and st.toggle("Text share: how much each pixel listens to the prompt at all",
+        share = dit and concept is None and st.toggle("Text share: how much each pixel listens to the prompt at all",
                                   key="inspect_text_share", help=tip)  # fmt: skip
         word = GLOBAL if share else word_picker(words)
         probe = None if dit else probe_picker(s.probes(run_id))
@@ -191,6 +215,10 @@ def body() -> None:
         heat = word_map(root, run_id, word, step, levels)
         if wanted_across:
             across = across_steps_max(root, run_id, word, run["steps"], levels)
+    if concept is not None:  # ConceptAttention: its own table, no bands
+        heat = concept_maps(root, run_id, step)[1][concept]
+        if wanted_across:
+            across = max(float(concept_maps(root, run_id, t)[1][concept].max()) for t in range(run["steps"]))
     if probe is not None:  # a word not in the prompt, stored beside the run by `stepx probe`
         heat = s.probe_map(run_id, probe, step=step)
         if wanted_across:
@@ -199,7 +227,9 @@ def body() -> None:
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
     label = "Text share" if share else f"probe: {probe}" if probe else word_label(words, word)
-    over = "all steps (mean)" if share else "all steps (sum)"
+    if concept is not None:
+        label = f"{concept_names[concept]} (ConceptAttention)"
+    over = "all steps (mean)" if share or concept is not None else "all steps (sum)"
     where = over if step is None else f"step {step + 1} of {run['steps']}"
     with left:
         st.image(with_colorbar(overlay(base, heat, alpha, cmap, size=size, scale=scale), cmap, scale),
