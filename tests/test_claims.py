@@ -234,3 +234,41 @@ def test_training_never_reads_the_test_split(tmp_path, monkeypatch):
 
     splits.suite("test", 1)  # the control: a read of the test split is seen
     assert splits._TEST_STREAM in streams
+
+
+OFFLINE_PROBE = """
+import socket, sys
+tried = []
+def refuse(*args, **kwargs):
+    tried.append(args)
+    sys.stderr.write("NETWORK " + repr(args[:2]) + "\\n")
+    raise OSError("network blocked by the test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+from stepx.cli import main
+status = main(sys.argv[1:])
+sys.exit(100 if tried else status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_a_missing_model_is_never_downloaded(tmp_path, model):
+    """StepX never downloads: with the hub's offline switch off and an empty cache, asking for a real model
+    opens no connection (any attempt is caught at the socket) and says in one line where to put the weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_"))}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    argv = ["generate", "a cat", "--model", model, "--steps", "2", "--store", str(tmp_path / "store")]
+    res = subprocess.run(
+        [sys.executable, "-c", OFFLINE_PROBE, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert "NETWORK" not in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])  # missing weights, not a bad argument
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
+    assert len(lines) == 1 and "--model-path" in lines[0], res.stderr
+    assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
