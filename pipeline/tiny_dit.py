@@ -120,12 +120,12 @@ def _t5(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _vae(latent_channels: int) -> AutoencoderKL:
+def _vae(latent_channels: int, real_geometry: bool = False) -> AutoencoderKL:
     return AutoencoderKL(
         sample_size=32,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(4,),
+        block_out_channels=(4, 4, 4, 4) if real_geometry else (4,),  # 8x like the real VAEs, or 1x
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=1,
@@ -136,15 +136,20 @@ def _vae(latent_channels: int) -> AutoencoderKL:
     )
 
 
-def build_tiny_dit(layout: str = "sd3", seed: int = 0) -> StableDiffusion3Pipeline | FluxPipeline:
-    """A random-weight SD3 ('sd3'), SD3.5-layout ('sd35': dual attention + RMS q/k norm) or Flux pipeline."""
+def build_tiny_dit(
+    layout: str = "sd3", seed: int = 0, real_geometry: bool = False
+) -> StableDiffusion3Pipeline | FluxPipeline:
+    """A random-weight SD3 ('sd3'), SD3.5-layout ('sd35': dual attention + RMS q/k norm) or Flux pipeline.
+
+    real_geometry: an 8x VAE and SD3's 2x2 patches, so an image has the real models' token grid (1024 px: 64x64).
+    """
     if layout not in DIT_LAYOUTS:
         raise ValueError(f"unknown tiny DiT layout {layout!r}; choose from {', '.join(DIT_LAYOUTS)}")
     torch.manual_seed(seed)
     t5_tok = t5_tokenizer()
     if layout == "flux":
         transformer = FluxTransformer2DModel(
-            patch_size=1,
+            patch_size=1,  # Flux packs 2x2 latents into a token in the pipeline, not the transformer
             in_channels=4,
             num_layers=2,  # the test config has 1 and 1: two of each give two bands per stream
             num_single_layers=2,
@@ -156,7 +161,7 @@ def build_tiny_dit(layout: str = "sd3", seed: int = 0) -> StableDiffusion3Pipeli
         )
         pipe = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=_vae(1),
+            vae=_vae(1, real_geometry),
             text_encoder=_clip(projection=False),
             tokenizer=clip_tokenizer(),
             text_encoder_2=_t5(len(t5_tok)),
@@ -166,8 +171,8 @@ def build_tiny_dit(layout: str = "sd3", seed: int = 0) -> StableDiffusion3Pipeli
     else:
         sd35 = layout == "sd35"
         transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=1,
+            sample_size=128 if real_geometry else 32,
+            patch_size=2 if real_geometry else 1,
             in_channels=4,
             num_layers=3,  # thirds: one block per band
             attention_head_dim=8,
@@ -181,7 +186,7 @@ def build_tiny_dit(layout: str = "sd3", seed: int = 0) -> StableDiffusion3Pipeli
         )
         pipe = StableDiffusion3Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=_vae(4),
+            vae=_vae(4, real_geometry),
             text_encoder=_clip(),
             tokenizer=clip_tokenizer(),
             text_encoder_2=_clip(),

@@ -372,3 +372,12 @@ def test_cli_generates_flux_with_concepts_and_true_cfg(tmp_path) -> None:
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
     assert "needs a FLUX.1 model" in refused.stderr
     assert not Path(root, "runs").exists() or len(list(Path(root, "runs").iterdir())) == 1
+
+
+def test_real_geometry_tiny_builds_have_the_real_token_grid() -> None:
+    """bench/dit_gpu.py's pipelines: 1024 px is 64x64 image tokens, as in SD3 and FLUX.1 (8x VAE, 2x2 patches)."""
+    from pipeline.tiny_dit import build_tiny_dit
+
+    for layout in ("sd3", "flux"):
+        pipe = build_tiny_dit(layout, real_geometry=True)
+        assert pipe.vae_scale_factor == 8 and token_grid(pipe, 1024, 1024) == (64, 64)
