@@ -171,6 +171,11 @@ def _job(row: tuple) -> Job:
     )
 
 
+def probe_words(text: str) -> list[str]:
+    """Comma-separated probe texts ("dog, sky"), stripped, empty ones dropped, each once."""
+    return list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+
+
 def check_request(req: dict) -> dict:
     """The request with its fields checked (types, the model's limits); JobError names the first problem."""
     if not isinstance(req, dict):
@@ -181,6 +186,18 @@ def check_request(req: dict) -> dict:
             raise JobError(f"the depth request names no valid run id ({req.get('run_id')!r})")
         if not isinstance(req.get("depth_model", "zoedepth"), str):
             raise JobError("depth_model is not text")
+        return req
+    if kind == "probe":
+        if not valid_run_id(req.get("run_id")):
+            raise JobError(f"the probe request names no valid run id ({req.get('run_id')!r})")
+        words = req.get("words")
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise JobError("words is not a list of probe words")
+        try:
+            for w in words:
+                check_prompt(w, "")
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
         return req
     if kind != "generate":
         raise JobError(f"unknown job kind {kind!r}")
@@ -210,7 +227,7 @@ def submit(store: Path, request: dict) -> int:
     """Queue a request after checking it against the model's limits (JobError otherwise); returns its job id."""
     req = check_request(request)
     now = time.time()
-    run_id = req["run_id"] if req.get("kind") == "depth" else new_job_run_id(now)
+    run_id = req["run_id"] if req.get("kind") in ("depth", "probe") else new_job_run_id(now)
     with connect(store) as con:
         cur = con.execute(
             "INSERT INTO jobs (created_at, status, request, total_steps, run_id) VALUES (?, 'queued', ?, ?, ?)",
@@ -290,7 +307,7 @@ def claim(store: Path, pid: int | None = None) -> Job | None:
             job_id, request, attempts, run_id = row
             try:
                 req = check_request(_request(request))
-                if req.get("kind") == "depth":
+                if req.get("kind") in ("depth", "probe"):
                     run_id = req["run_id"]
                 elif run_id is None:
                     run_id = new_job_run_id(now)  # queued by an older version: fixed now, before any attempt

@@ -67,6 +67,9 @@ def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> No
     if req.get("kind") == "depth":
         run_depth_job(store, job)
         return
+    if req.get("kind") == "probe":
+        run_probe_job(store, job, device)
+        return
     try:
         if run_dir(store, job.run_id).is_dir():  # an earlier attempt wrote it before its worker died
             update_index(store)
@@ -102,6 +105,29 @@ def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> No
         queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
         return
     queue.finish(store, job, run_id=run_id)
+
+
+def run_probe_job(store: Path, job: queue.Job, device: str | None) -> None:
+    """Probe an existing run (`jobs.probe`); a run that doesn't reproduce fails the job with the reason."""
+    from jobs.probe import probe_run
+    from pipeline.generate import GenerationError
+    from pipeline.models import ModelNotFoundError
+    from store import StoreError
+
+    req = job.request
+    try:
+        if not queue.progress(store, job, 0, 1):
+            queue.finish(store, job, error="cancelled before it started", cancelled=True)
+            return
+        probe_run(store, req["run_id"], list(req["words"]), device)
+    except (GenerationError, ModelNotFoundError, FileNotFoundError, ValueError, StoreError) as exc:
+        queue.finish(store, job, error=str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - the worker keeps serving
+        queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
+        return
+    queue.progress(store, job, 1, 1)
+    queue.finish(store, job, run_id=req["run_id"])
 
 
 def run_depth_job(store: Path, job: queue.Job) -> None:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import io
 
 from schema.layout import store_root
 from schema.stats import map_stats
 from stepx.commands_base import CliError, open_store
 
 
-def probe_words(text: str) -> list[str]:
-    """The comma-separated probe texts of --words, stripped, empty ones dropped, duplicates once."""
-    return list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
-
-
 def cmd_probe(args: argparse.Namespace) -> int:
     """Re-run a stored run, refuse unless it reproduces bit for bit, store the probes' maps beside it."""
+    from jobs.queue import probe_words
     from schema.limits import LimitError, check_prompt
 
     words = probe_words(args.words)
@@ -27,34 +22,22 @@ def cmd_probe(args: argparse.Namespace) -> int:
             check_prompt(w, "")
         except LimitError as exc:
             raise CliError(f"stepx probe: probe {w[:40]!r}: {exc}", 2) from None
-    store = open_store(args)
-    run = store.run(args.run_id)
-    import numpy as np
-    from PIL import Image
-
+    open_store(args).run(args.run_id)  # an unknown run is one line before any model loads
+    from jobs.probe import probe_run
     from pipeline.generate import check_device
-    from pipeline.models import ModelNotFoundError, load_model
-    from pipeline.probe import ProbeRefused, compute_probes, probe_table, write_probes
+    from pipeline.models import ModelNotFoundError
+    from pipeline.probe import ProbeRefused
 
-    device = args.device or run["device"]
-    check_device(device)
-    data, _fmt = store.image(args.run_id)
-    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    seed = run["model_id"].rsplit(":seed", 1)
-    tiny_seed = int(seed[1]) if run["model_id"].startswith("in-process:") and len(seed) == 2 else 0
+    check_device(args.device)
     try:
-        model = load_model(run["model_name"], args.model_path, device, tiny_seed=tiny_seed)
+        probe_run(store_root(args.store), args.run_id, words, args.device, args.model_path)
     except ModelNotFoundError as exc:
         raise CliError(f"stepx probe: {exc}") from None
-    try:
-        result, _final = compute_probes(model, run, stored, words)
     except ProbeRefused as exc:
         raise CliError(f"stepx probe: refused: {exc}") from None
-    write_probes(store_root(args.store), args.run_id, probe_table(args.run_id, result))
-    fresh = open_store(args)
+    store = open_store(args)
     for w in words:
-        m = fresh.probe_map(args.run_id, w)
-        stats = map_stats(m[None])
-        cx, cy = float(stats["centroid_x"][0]), float(stats["centroid_y"][0])
-        print(f"{w}: centroid x {cx:.2f} y {cy:.2f} (0-1), peak {m.max():.4g}")
+        stats = map_stats(store.probe_map(args.run_id, w)[None])
+        cx, cy, peak = (float(stats[k][0]) for k in ("centroid_x", "centroid_y", "peak"))
+        print(f"{w}: centroid x {cx:.2f} y {cy:.2f} (0-1), peak {peak:.4g}")
     return 0

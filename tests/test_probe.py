@@ -178,3 +178,30 @@ def test_shape_probe_lands_on_its_object(tmp_path):
     print(rates)
     assert rates["objects"] >= 20 and rates["prompt_word_on_object"] >= 0.8, rates
     assert rates["on_object"] >= 0.8, rates
+
+
+def test_probe_queued_from_inspect_and_run_by_the_worker(probed, monkeypatch):
+    from jobs import queue, worker
+
+    root, _model, run_id = probed
+    with pytest.raises(queue.JobError, match="probe words"):
+        queue.submit(root, {"kind": "probe", "run_id": run_id, "words": []})
+    with pytest.raises(queue.JobError, match="run id"):
+        queue.submit(root, {"kind": "probe", "run_id": "../x", "words": ["dog"]})
+
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.session_state["run_id"] = run_id
+    at.switch_page("views/inspect.py").run()
+    at.text_input(key="probe_words").input("cat, , cat, moon")
+    at.button[[b.label for b in at.button].index("Queue probe")].click().run()
+    assert not at.exception, at.exception
+    assert any("Probe queued as job" in s.value for s in at.success)
+
+    job = queue.claim(root)
+    assert job.request == {"kind": "probe", "run_id": run_id, "words": ["cat", "moon"]} and job.run_id == run_id
+    worker.run_job(root, job, {}, "cpu")
+    done = queue.get(root, job.job_id)
+    assert done.status == "done" and done.error is None, done.error
+    assert {"cat", "moon"} <= set(Store(root).probes(run_id))

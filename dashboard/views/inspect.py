@@ -141,6 +141,20 @@ def probe_picker(probes: list[str]) -> str | None:
     return None if choice == "none" else choice
 
 
+def probe_box(root: str, run_id: str) -> None:
+    """A text box that queues `stepx probe` for this run; the worker re-runs it and the picker then lists it."""
+    with st.form("probe_form", clear_on_submit=True, border=False):
+        text = st.text_input("Probe words not in the prompt (comma-separated)", key="probe_words",
+                             placeholder="dog, sky")  # fmt: skip
+        if st.form_submit_button("Queue probe"):
+            try:
+                job_id = queue.submit(Path(root), {"kind": "probe", "run_id": run_id, "words": queue.probe_words(text)})
+            except queue.JobError as exc:
+                st.error(f"Probe not queued: {exc}")
+            else:
+                st.success(f"Probe queued as job {job_id}: the worker re-runs this run exactly; then pick it above.")
+
+
 def provenance_lines(run: dict) -> list[str]:
     """How a run was made (schema 1.5 provenance), one line per fact that applies; [] for older runs."""
     if not run.get("pipeline_class"):
@@ -203,6 +217,8 @@ def body() -> None:
                                   key="inspect_text_share", help=tip)  # fmt: skip
         word = GLOBAL if share else word_picker(words)
         probe = None if dit else probe_picker(s.probes(run_id))
+        if not dit:
+            probe_box(root, run_id)
         step = step_picker(run["steps"])
         alpha, cmap, norm, levels = display_controls(list(run["levels"]), bands=dit)
     across = None  # every step is read only when that scale is asked for (a slider rerun reads one map)
