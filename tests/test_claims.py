@@ -272,3 +272,17 @@ def test_a_missing_model_is_never_downloaded(tmp_path, model):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
     assert len(lines) == 1 and "--model-path" in lines[0], res.stderr
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
+
+
+def test_make_demo_starts_the_dashboard_before_the_gallery_build():
+    """README: `make demo` starts the dashboard first, builds the gallery behind it, and runs a worker beside it.
+    The order lives in the Makefile's recipe (what `make demo` runs), so that is where it is read."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*?\n((?:\t.*\n?)+)", makefile, re.M)
+    assert recipe, "no demo target"
+    body = recipe.group(1)
+    dashboard, gallery, worker = (body.find(s) for s in ("streamlit run", "stepx gallery build", "stepx worker"))
+    assert -1 < dashboard < gallery and worker > -1, body
+    assert re.search(r"stepx gallery build[^\n]*&", body), "the gallery build must not block the dashboard"
+    assert "--server.port $(PORT)" in body and re.search(r"^PORT \?= 8501", makefile, re.M)
+    assert "http://localhost:8501" in _section("The dashboard")

@@ -23,8 +23,9 @@ from pipeline.tiny import build_tiny_pipeline
 from pipeline.trace_writer import write_trace
 from store import Store
 
-MIN_R = 0.999  # Pearson r per word of the step-summed maps, stored vs reference
-MAX_REL_ERR = 1e-4  # per-step maps: max |stored - reference| / max(reference)
+MIN_R = 0.999999  # Pearson r per word of the step-summed maps, stored vs reference (README's figure)
+MAX_REL_ERR = 2e-6  # per-step maps: max |stored - reference| / max(reference) (measured <= 8.6e-7)
+MIN_R_PACKAGE = 0.9997  # the `daam` package's variant (clamp after summing steps), shapes model (README)
 
 
 class PlainDaam:
@@ -147,6 +148,7 @@ def test_stored_maps_match_plain_daam_on_shapes_model(tmp_path):
     assert result["words"] >= 20
     assert result["min_r"] >= MIN_R
     assert result["max_rel_err"] <= MAX_REL_ERR
+    assert result["min_r_package"] >= MIN_R_PACKAGE
 
 
 def test_tiny_layout_leaves_mid_block_out(tmp_path, tiny_model):
