@@ -381,3 +381,13 @@ def test_real_geometry_tiny_builds_have_the_real_token_grid() -> None:
     for layout in ("sd3", "flux"):
         pipe = build_tiny_dit(layout, real_geometry=True)
         assert pipe.vae_scale_factor == 8 and token_grid(pipe, 1024, 1024) == (64, 64)
+
+
+def test_committed_t5_tokenizer_is_the_one_the_builder_writes(tmp_path) -> None:
+    from pipeline.tiny_dit import T5_DIR, t5_tokenizer, write_t5_tokenizer
+
+    write_t5_tokenizer(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (T5_DIR / "tokenizer.json").read_bytes()
+    tok = t5_tokenizer()
+    pieces = tok.convert_ids_to_tokens(tok("a photo of a hippopotamus").input_ids)
+    assert pieces[:3] == ["▁a", "▁photo", "▁of"] and pieces[-1] == "</s>" and "<unk>" not in pieces
