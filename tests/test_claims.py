@@ -286,3 +286,45 @@ def test_make_demo_starts_the_dashboard_before_the_gallery_build():
     assert re.search(r"stepx gallery build[^\n]*&", body), "the gallery build must not block the dashboard"
     assert "--server.port $(PORT)" in body and re.search(r"^PORT \?= 8501", makefile, re.M)
     assert "http://localhost:8501" in _section("The dashboard")
+
+
+def _column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes per column of one Parquet file, summed over its row groups."""
+    import pyarrow.parquet as pq
+
+    meta, out = pq.ParquetFile(path).metadata, {}
+    for rg in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(rg).column(c)
+            name = col.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + col.total_compressed_size
+    return out
+
+
+@pytest.mark.slow
+def test_readme_trace_sizes_are_a_shapes_run_on_disk(tmp_path):
+    """README's sizes of a shapes-model run, measured on the files the writer produces for that very run."""
+    from pipeline.generate import GenerationConfig, generate_trace
+    from pipeline.models import load_model
+    from pipeline.trace_writer import write_trace
+
+    found = re.search(
+        r'a 20-step run of "([^"]+)" takes ([\d.]+) MB on disk: DAAM maps (\d+) KB, level maps (\d+) KB, '
+        r"self-attention ([\d.]+) MB",
+        FLAT,
+    )
+    assert found, "README's trace size sentence not found"
+    prompt = found.group(1)
+    total_mb, daam_kb, level_kb, self_mb = (float(g) for g in found.groups()[1:])
+    written = write_trace(tmp_path, generate_trace(load_model("shapes"), GenerationConfig(prompt, seed=0, steps=20)))
+    folder = next(p for p in tmp_path.rglob(written.run_id) if p.is_dir())
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    cross = _column_bytes(folder / "cross_attention.parquet")
+    measured = {
+        "run": (total / 1e6, total_mb),
+        "DAAM maps": (cross["daam_map"] / 1e3, daam_kb),
+        "level maps": (cross["map"] / 1e3, level_kb),
+        "self-attention": ((folder / "self_attention.parquet").stat().st_size / 1e6, self_mb),
+    }
+    for what, (got, said) in measured.items():
+        assert abs(got - said) <= 0.1 * said, f"{what}: README says {said}, the run holds {got:.3g}"
