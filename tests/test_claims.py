@@ -328,3 +328,27 @@ def test_readme_trace_sizes_are_a_shapes_run_on_disk(tmp_path):
     }
     for what, (got, said) in measured.items():
         assert abs(got - said) <= 0.1 * said, f"{what}: README says {said}, the run holds {got:.3g}"
+
+
+def test_readme_model_table_is_the_registry():
+    """Each registered model is a row of README's table, looked up under exactly the hub ids the loader tries."""
+    from pipeline.models import REGISTRY
+
+    rows = re.findall(r"^\| (`[^|]+`) \| [^|]+ \| ([^|]+) \|$", _section_raw("Real models"), re.M)
+    table = {}
+    for names, lookup in rows:
+        for name in re.findall(r"`([^`]+)`", names):
+            table[name] = re.findall(r"`([^`]+)`", lookup)
+    assert set(table) == set(REGISTRY), f"README's model table vs the registry: {set(table) ^ set(REGISTRY)}"
+    for name, spec in REGISTRY.items():
+        if spec.repo_ids:
+            assert table[name] == list(spec.repo_ids), name
+        elif spec.builtin == "embedded":
+            assert table[name] == ["data/models/shapes"], name
+        else:
+            assert table[name] == [], name  # built in-process
+
+
+def _section_raw(title: str) -> str:
+    """One `## title` section of the README as written (lines kept)."""
+    return README.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
