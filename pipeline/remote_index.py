@@ -137,3 +137,14 @@ def compact(loc: S3Location) -> dict[str, tuple[int, int]]:
             report[name] = (before, len(dt.file_uris()))
             break
     return report
+
+
+COMPACT_AFTER = 32  # index files per table that trigger a compaction at the end of a batch
+
+
+def maybe_compact(loc: S3Location) -> dict[str, tuple[int, int]] | None:
+    """Compact when any index table has more than COMPACT_AFTER files (called after each batch); the report."""
+    tables = [delta_table(loc, t) for t in COMMIT_ORDER]
+    if any(dt is not None and len(dt.file_uris()) > COMPACT_AFTER for dt in tables):
+        return compact(loc)
+    return None

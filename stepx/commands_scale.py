@@ -51,7 +51,17 @@ def _run(items: list, args: argparse.Namespace, model: str) -> dict:
             from jobs.ray_batch import run_ray
 
             results = run_ray(items, args.store, model, args.ray or None, args.workers, on_result)
-    return summary(results, time.perf_counter() - t0)
+    report = summary(results, time.perf_counter() - t0)
+    from schema.location import parse_location
+
+    loc = parse_location(args.store)
+    if loc is not None:  # small index files stay bounded: every batch ends by compacting when there are many
+        from pipeline.remote_index import maybe_compact
+
+        compacted = maybe_compact(loc)
+        if compacted:
+            report["compacted"] = {t: f"{a} -> {b} files" for t, (a, b) in compacted.items()}
+    return report
 
 
 def _model(name: str | None) -> str:
