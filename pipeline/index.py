@@ -37,6 +37,7 @@ from schema.layout import (
     index_dir,
     index_problem,
     parse_manifest,
+    read_manifest_bytes,
     run_dir,
     runs_dir,
     tmp_dir,
@@ -92,11 +93,11 @@ class Manifest:
 def read_manifest(root: Path) -> Manifest:
     """The current manifest, or an empty one for a new store; ManifestError when it is damaged."""
     try:
-        return Manifest.from_json((index_dir(root) / MANIFEST).read_bytes())
+        return Manifest.from_json(read_manifest_bytes(index_dir(root) / MANIFEST))
     except FileNotFoundError:
         return Manifest()
-    except IsADirectoryError:
-        raise ManifestError("manifest.json is a folder") from None
+    except OSError as exc:
+        raise ManifestError(f"manifest.json can't be read: {exc.strerror or exc}") from None
 
 
 def manifest_problem(root: Path, m: Manifest) -> str | None:

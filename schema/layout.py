@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
-from schema.tables import INDEX_TABLES
+from schema.tables import INDEX_TABLES, VERSION_RE
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "data" / "store"
 MANIFEST = "manifest.json"
@@ -91,6 +92,29 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # ~8M run ids; a larger manifest.json is damage, not an index
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """The manifest file's bytes; ManifestError unless it is a regular file of at most MAX_MANIFEST_BYTES.
+
+    Opened without blocking and checked before reading, so a FIFO, a device (`/dev/zero`) or a huge file put
+    where the manifest goes is damage with one line, never a hang or an out-of-memory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise ManifestError("manifest.json is a folder") from None
+    try:
+        st = os.fstat(fd)
+        _expect(stat.S_ISREG(st.st_mode), "manifest.json is not a regular file")
+        _expect(st.st_size <= MAX_MANIFEST_BYTES, f"manifest.json is {st.st_size:,} bytes, past any real index")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def parse_manifest(text: str | bytes) -> dict:
     """The manifest as a dict with every field checked; ManifestError names the first problem found."""
     try:
@@ -101,7 +125,10 @@ def parse_manifest(text: str | bytes) -> dict:
     for key in ("format", "schema_version", "generation", "run_ids", "segments"):
         _expect(key in d, f"manifest.json has no {key!r}")
     _expect(_is_int(d["format"]) and d["format"] <= MANIFEST_FORMAT, f"unknown manifest format {d['format']!r}")
-    _expect(isinstance(d["schema_version"], str), "schema_version is not text")
+    _expect(
+        isinstance(d["schema_version"], str) and VERSION_RE.fullmatch(d["schema_version"]) is not None,
+        "schema_version is not a version number",
+    )
     _expect(_is_int(d["generation"]) and d["generation"] >= 0, "generation is not a whole number")
     run_ids = d["run_ids"]
     _expect(isinstance(run_ids, list) and all(valid_run_id(r) for r in run_ids), "run_ids holds a bad run id")
@@ -141,6 +168,8 @@ def index_problem(index: Path, manifest: dict) -> str | None:
     for s in manifest["segments"]["runs"]:
         # ParquetFile, not read_table: read_table loads pyarrow.dataset, which imports pandas (~1 s per command)
         listed += pq.ParquetFile(index / s["file"]).read(columns=["run_id"]).column("run_id").to_pylist()
+    if not all(valid_run_id(r) for r in listed):
+        return "a runs segment holds a missing or malformed run id"
     if sorted(listed) != sorted(manifest["run_ids"]):
         return "run_ids and the runs segments list different runs"
     return None
@@ -154,6 +183,12 @@ def segment_problem(path: Path, table: str, rows: int) -> str | None:
     from schema.tables import TABLES
 
     try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"segment {path.name} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"segment {path.name} is not a regular file"
+    try:
         pf = pq.ParquetFile(path)
     except FileNotFoundError:
         return f"segment {path.name} is missing"
@@ -163,6 +198,11 @@ def segment_problem(path: Path, table: str, rows: int) -> str | None:
     missing = [f.name for f in TABLES[table] if f.name not in names]
     if missing:
         return f"segment {path.name} is not a {table} segment (no {missing[0]} column)"
+    found = pf.schema_arrow
+    wrong = [f.name for f in TABLES[table] if found.field(f.name).type != f.type]
+    if wrong:
+        want = TABLES[table].field(wrong[0]).type
+        return f"segment {path.name} holds column {wrong[0]} as {found.field(wrong[0]).type}, not {want}"
     if pf.metadata.num_rows != rows:
         return f"segment {path.name} has {pf.metadata.num_rows} rows, the manifest says {rows}"
     return None

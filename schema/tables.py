@@ -7,6 +7,8 @@ version. The comments are the documentation the SQL console shows.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 # 1.1: optional depth table; 1.2: level 'all' is DAAM's formula (mid block out, layers x heads);
@@ -296,12 +298,17 @@ def file_metadata() -> dict[bytes, bytes]:
     return {VERSION_KEY: SCHEMA_VERSION.encode()}
 
 
+VERSION_RE = re.compile(r"\d{1,6}(\.\d{1,6}){0,3}")  # a schema version as written: '1.6'
+
+
 def check_version(metadata: dict[bytes, bytes] | None, where: str = "file") -> str:
     """Return the file's schema version; raise SchemaVersionError for a newer major version."""
     raw = (metadata or {}).get(VERSION_KEY)
     if raw is None:
         raise SchemaVersionError(f"{where} has no StepX schema version: not a StepX trace file")
-    version = raw.decode()
+    version = raw.decode(errors="replace")
+    if VERSION_RE.fullmatch(version) is None:
+        raise SchemaVersionError(f"{where} has a malformed StepX schema version {version[:20]!r}: not a StepX file")
     major = int(version.split(".")[0])
     if major > int(SCHEMA_VERSION.split(".")[0]):
         raise SchemaVersionError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from schema.layout import (
     index_dir,
     index_problem,
     parse_manifest,
+    read_manifest_bytes,
     run_dir,
     runs_dir,
     store_root,
@@ -124,6 +126,25 @@ class _Catalog:
         return [] if span is None else self.tokens_table.slice(span[0], span[1] - span[0]).to_pylist()
 
 
+def _run_folders(runs: Path) -> set[str]:
+    """Names of the real folders under runs/ (not symlinks: the index never lists those, see list_run_dirs)."""
+    try:
+        with os.scandir(runs) as entries:
+            return {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+    except OSError:
+        return set()
+
+
+def _not_plain(path: Path) -> bool:
+    """Whether a run file exists but is not a regular file in a real run folder (missing files are not this)."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path.parent).st_mode) or not stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 class Store:
     """A read-only view of one store folder; safe to share across threads."""
 
@@ -160,7 +181,7 @@ class Store:
     def _load_manifest(self) -> dict:
         """The current manifest, checked field by field and segment by segment ({} for a new store)."""
         try:
-            manifest = parse_manifest((index_dir(self.root) / MANIFEST).read_bytes())
+            manifest = parse_manifest(read_manifest_bytes(index_dir(self.root) / MANIFEST))
         except FileNotFoundError:
             return {}
         except (ManifestError, OSError) as exc:
@@ -204,13 +225,14 @@ class Store:
         exactly the runs it lists, so no view (here or in the SQL console) shows a run that `runs` doesn't."""
         segments = manifest.get("segments", {})
         files = {t: [str(index_dir(self.root) / s["file"]) for s in segments.get(t, [])] for t in INDEX_TABLES}
-        present = set(os.listdir(runs_dir(self.root))) if runs_dir(self.root).is_dir() else set()
+        present = _run_folders(runs_dir(self.root))
         run_ids = [r for r in manifest.get("run_ids", []) if r in present and valid_run_id(r)]
-        for table in RAW_TABLES:
-            files[table] = [str(run_dir(self.root, r) / RUN_FILES[table]) for r in run_ids]
+        for table in RAW_TABLES:  # no engine ever opens a FIFO (it would block) or a symlink out of the store
+            paths = (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids)
+            files[table] = [str(p) for p in paths if not _not_plain(p)]
         for table in OPTIONAL_TABLES:
             paths = (run_dir(self.root, r) / RUN_FILES[table] for r in run_ids)
-            files[table] = [str(p) for p in paths if p.is_file()]
+            files[table] = [str(p) for p in paths if p.is_file() and not _not_plain(p)]
         return files
 
     def _checked_files(self) -> dict[str, list[str]]:
@@ -235,6 +257,9 @@ class Store:
             st = path.stat()
         except OSError:
             self._unreadable[str(path.relative_to(self.root))] = "missing"
+            return False
+        if _not_plain(path):
+            self._unreadable[str(path.relative_to(self.root))] = "not a regular file inside the store"
             return False
         ident = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._file_ok.get(str(path)) == ident:
@@ -388,7 +413,7 @@ class Store:
         if hit is not None:
             self._files.move_to_end(cache_key)
             return hit
-        path = run_dir(self.root, run_id) / RUN_FILES[table]
+        path = self._run_file(run_id, table)
         try:
             pf = pq.ParquetFile(path)
             check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
@@ -399,6 +424,8 @@ class Store:
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: {path.name} is unreadable ({exc})") from exc
         col = pf.schema_arrow.get_field_index("step_index")
+        if col < 0 or not pa.types.is_integer(pf.schema_arrow.field(col).type):
+            raise RunDataMissing(f"run {run_id}: {path.name} is damaged (no whole-number step_index column)")
         ranges = []
         for rg in range(pf.metadata.num_row_groups):
             st = pf.metadata.row_group(rg).column(col).statistics
@@ -409,6 +436,14 @@ class Store:
             while len(self._files) > self._cache_runs * 3:
                 self._files.popitem(last=False)
         return entry
+
+    def _run_file(self, run_id: str, table: str) -> Path:
+        """The path of one of an indexed run's files; RunDataMissing when something other than a plain file in a
+        plain folder sits there (a symlink out of the store, a FIFO that would block every reader)."""
+        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES[table]
+        if _not_plain(path):
+            raise RunDataMissing(f"run {run_id}: its {path.name} is not a regular file inside the store")
+        return path
 
     def _read_rows(self, run_id: str, table: str, step: int | None, columns: list[str]) -> pa.Table:
         """Rows of one step (or all steps), reading only the row groups that can hold them."""
@@ -576,7 +611,7 @@ class Store:
 
     def depth(self, run_id: str) -> tuple[np.ndarray, dict] | None:
         """The run's depth estimate ((height, width) float32, info) or None when none was computed."""
-        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["depth"]
+        path = self._run_file(run_id, "depth")
         try:
             pf = pq.ParquetFile(path)
         except FileNotFoundError:
@@ -589,7 +624,7 @@ class Store:
         return depth, row
 
     def _probe_table(self, run_id: str) -> pa.Table | None:
-        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["probe_maps"]
+        path = self._run_file(run_id, "probe_maps")
         try:
             pf = pq.ParquetFile(path)
         except FileNotFoundError:
@@ -633,7 +668,7 @@ class Store:
     def concept_maps(self, run_id: str, step: int | None = None) -> tuple[list[str], np.ndarray]:
         """A FLUX.1 run's ConceptAttention maps (not cross-attention): (concepts, (concepts, h, w) float32), the
         steps averaged (step=None) or one step's; a pixel's maps sum to 1 over the concepts."""
-        path = run_dir(self.root, self._indexed(run_id)) / RUN_FILES["concept_maps"]
+        path = self._run_file(run_id, "concept_maps")
         try:
             pf = pq.ParquetFile(path)
         except FileNotFoundError:

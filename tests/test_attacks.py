@@ -1,0 +1,166 @@
+"""Attacks found by trying StepX as a hostile user would (issue 14), one test per class: damage put where the
+store's files go (FIFOs, devices, symlinks out of the store, wrong column types, malformed versions), markup in
+every stored string the dashboard shows, and hostile queue rows. Each asserts the one-line outcome at the
+level where it broke (the files, the engine, the runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.synth import synth_store
+from pipeline.index import read_manifest, rebuild_index, update_index
+from schema import SchemaVersionError
+from schema.layout import ManifestError
+from store import Store
+from store.errors import IndexDamaged, RunDataMissing
+
+
+@pytest.fixture(scope="module")
+def base_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("attack-base")
+    synth_store(root, 2, steps=2)
+    return root
+
+
+@pytest.fixture
+def store_copy(base_store, tmp_path) -> Path:
+    root = tmp_path / "store"
+    shutil.copytree(base_store, root, symlinks=True)
+    return root
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "index" / "manifest.json").read_text())
+
+
+def segment(root: Path, table: str) -> Path:
+    return root / "index" / manifest(root)["segments"][table][0]["file"]
+
+
+def one_line_damage(call) -> str:
+    """The call raises IndexDamaged with one line that says to rebuild; returns the line."""
+    with pytest.raises(IndexDamaged) as err:
+        call()
+    text = str(err.value)
+    assert "\n" not in text and "stepx index rebuild" in text
+    return text
+
+
+def within(seconds: float, fn) -> object:
+    """fn's result, failing (instead of hanging the suite) when it takes longer than `seconds`."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "huge"])
+def test_manifest_that_is_no_regular_file_is_damage_not_a_hang(store_copy, kind):
+    path = store_copy / "index" / "manifest.json"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would block every command forever
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")  # reading it would fill memory
+    else:
+        with open(path, "wb") as fh:
+            fh.truncate((256 << 20) + 1)  # sparse: past the manifest size limit without using the disk
+    text = within(20, lambda: one_line_damage(lambda: Store(store_copy).runs()))
+    assert "manifest.json" in text
+    with pytest.raises(ManifestError):
+        within(20, lambda: read_manifest(store_copy))
+    report = within(60, lambda: rebuild_index(store_copy))
+    assert report.runs == 2 and len(Store(store_copy).runs()) == 2
+
+
+def test_segment_with_wrong_column_types_is_damage(store_copy):
+    seg = segment(store_copy, "tokens")
+    t = pq.read_table(seg)
+    i = t.schema.get_field_index("token_index")
+    pq.write_table(t.set_column(i, "token_index", pa.array([str(v) for v in t.column(i).to_pylist()])), seg)
+    run_id = manifest(store_copy)["run_ids"][0]
+    text = one_line_damage(lambda: Store(store_copy).word_map(run_id, "Global"))
+    assert "token_index" in text
+    assert update_index(store_copy) and Store(store_copy).word_map(run_id, "Global").size
+
+
+def test_runs_segment_with_missing_run_ids_is_damage(store_copy):
+    seg = segment(store_copy, "runs")
+    t = pq.read_table(seg)
+    pq.write_table(t.set_column(0, "run_id", pa.array([None] * t.num_rows, pa.string())), seg)
+    one_line_damage(lambda: Store(store_copy).runs())
+    one_line_damage(lambda: Store(store_copy).sql("SELECT count(*) FROM runs"))
+    rebuild_index(store_copy)
+    assert len(Store(store_copy).runs()) == 2
+
+
+@pytest.mark.parametrize("version", ["", "99.x.\nforged line", "1.6; DROP"])
+def test_malformed_schema_versions_are_one_line(store_copy, version):
+    m = manifest(store_copy)
+    m["schema_version"] = version
+    (store_copy / "index" / "manifest.json").write_text(json.dumps(m))
+    one_line_damage(lambda: Store(store_copy).runs())
+    run_id = m["run_ids"][0]
+    path = store_copy / "runs" / run_id / "images.parquet"
+    t = pq.read_table(path)
+    pq.write_table(t.replace_schema_metadata({b"stepx.schema_version": version.encode()}), path)
+    rebuild_index(store_copy)
+    with pytest.raises(SchemaVersionError) as err:
+        Store(store_copy).image(run_id)
+    assert "\n" not in str(err.value) and "malformed" in str(err.value)
+
+
+def test_run_file_with_wrong_step_type_is_missing_data(store_copy):
+    run_id = manifest(store_copy)["run_ids"][0]
+    for table in ("images", "self_attention"):
+        path = store_copy / "runs" / run_id / f"{table}.parquet"
+        t = pq.read_table(path)
+        i = t.schema.get_field_index("step_index")
+        t = t.set_column(i, "step_index", pa.array([str(v) for v in t.column(i).to_pylist()]))
+        pq.write_table(t, path)
+    s = Store(store_copy)
+    for call in (lambda: s.image(run_id), lambda: s.self_attention(run_id)):
+        with pytest.raises(RunDataMissing, match="step_index"):
+            call()
+
+
+def test_symlinks_and_fifos_out_of_the_store_are_never_read(store_copy, tmp_path):
+    outside = tmp_path / "outside"
+    run_id, other = manifest(store_copy)["run_ids"][:2]
+    shutil.move(store_copy / "runs" / run_id, outside)  # the run folder now lives outside the store
+    (store_copy / "runs" / run_id).symlink_to(outside)
+    fifo = store_copy / "runs" / other / "images.parquet"
+    fifo.unlink()
+    os.mkfifo(fifo)  # a reader opening it would block forever
+    s = Store(store_copy)
+    assert {r["run_id"] for r in within(20, s.runs)} == {run_id, other}  # listing needs no run file
+    with pytest.raises(RunDataMissing, match="not a regular file"):
+        within(20, lambda: s.image(other))
+    with pytest.raises(RunDataMissing, match="not a regular file"):
+        within(20, lambda: s.image(run_id))  # through the symlinked folder: refused, not read
+    res = within(60, lambda: s.sql("SELECT count(DISTINCT run_id) FROM images"))
+    assert res.rows == [(0,)]  # neither run's images: one is a FIFO, one is outside the store
+    seg = segment(store_copy, "tokens")
+    shutil.copy(seg, tmp_path / "seg.parquet")
+    seg.unlink()
+    seg.symlink_to(tmp_path / "seg.parquet")
+    one_line_damage(lambda: Store(store_copy).runs())
