@@ -352,3 +352,86 @@ def test_readme_model_table_is_the_registry():
 def _section_raw(title: str) -> str:
     """One `## title` section of the README as written (lines kept)."""
     return README.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+REBUILD_PROMPTS = [
+    "a red circle on the left and a blue square",
+    "a small green triangle at the top",
+    "two yellow squares at the bottom right",
+    "a blue circle on the right",
+    "a red square in the middle and a green circle at the bottom",
+]
+
+
+@pytest.mark.slow
+def test_rebuild_of_pre_daam_runs_is_as_close_as_the_readme_says(tmp_path):
+    """README: upgrading pre-1.2 runs by `stepx index rebuild` gives r >= the stated figure per word against the
+    exact (captured) DAAM map, per-step maps at most the stated share of the maximum apart, on 5 shapes prompts."""
+    import numpy as np
+
+    from pipeline.generate import GenerationConfig, generate_trace
+    from pipeline.index import rebuild_index
+    from pipeline.models import load_model
+    from pipeline.trace_writer import write_trace
+    from store import Store
+    from tests.test_daam_reference import _downgrade, _pearson
+
+    found = re.search(
+        r"\((\d) prompts, (\d+) steps\) it gave r >= ([\d.]+) per word against the exact map \(per-step maps up to "
+        r"(\d+)% of the maximum apart[;)]",
+        FLAT,
+    )
+    assert found, "README's rebuild sentence not found"
+    n_prompts, steps, min_r, max_apart = int(found[1]), int(found[2]), float(found[3]), float(found[4]) / 100
+    assert n_prompts == len(REBUILD_PROMPTS)
+    model = load_model("shapes", device="cpu")
+    exact = {}
+    for seed, prompt in enumerate(REBUILD_PROMPTS):
+        run_id = write_trace(tmp_path, generate_trace(model, GenerationConfig(prompt, seed=seed, steps=steps))).run_id
+        store = Store(tmp_path)
+        exact[run_id] = {
+            w.word_index: [store.word_map(run_id, w.word_index, step=s) for s in range(steps)]
+            for w in store.words(run_id)
+        }
+        _downgrade(tmp_path, run_id, merge_mid=False)
+    report = rebuild_index(tmp_path)
+    assert sorted(report.upgraded) == sorted(exact)
+    store, rs, apart = Store(tmp_path), [], []
+    for run_id, words in exact.items():
+        for word_index, per_step in words.items():
+            rs.append(_pearson(store.word_map(run_id, word_index), np.sum(per_step, axis=0)))
+            for s, want in enumerate(per_step):
+                got = store.word_map(run_id, word_index, step=s)
+                apart.append(float(np.abs(got - want).max() / want.max()))
+    print(f"rebuild vs exact DAAM: min r {min(rs):.5f}, per-step max apart {max(apart):.3f}")
+    assert min(rs) >= min_r
+    assert max(apart) <= max_apart
+
+
+def test_the_store_is_data_store_unless_store_or_stepx_store_says_otherwise(tmp_path, monkeypatch):
+    """README: the store is the checkout's `data/store` unless --store or STEPX_STORE names one, and --store wins
+    over the variable. Where real `stepx synth` processes write their runs shows the precedence; the default is
+    read from the one function every command resolves its store with (running it would write the real store)."""
+    import os
+    import subprocess
+    import sys
+
+    from schema.layout import store_root
+
+    def synth(*extra: str, env_store: Path) -> None:
+        env = os.environ | {"STEPX_STORE": str(env_store), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "stepx.cli", "synth", "--runs", "1", "--steps", "2", *extra]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+
+    def runs(root: Path) -> int:
+        return len([p for p in (root / "runs").iterdir() if p.is_dir()]) if (root / "runs").is_dir() else 0
+
+    synth(env_store=tmp_path / "from-env")
+    assert runs(tmp_path / "from-env") == 1
+    synth("--store", str(tmp_path / "from-flag"), env_store=tmp_path / "from-env")
+    assert runs(tmp_path / "from-flag") == 1 and runs(tmp_path / "from-env") == 1
+    monkeypatch.delenv("STEPX_STORE", raising=False)
+    assert store_root(None) == ROOT / "data" / "store"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "data/store/runs/x"], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, "README: the store is ignored by git"
