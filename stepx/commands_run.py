@@ -181,6 +181,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Write synthetic runs (scale tests)."""
     from jobs.synth import synth_store
 
-    report = synth_store(store_root(args.store), args.runs, args.steps, args.geometry, args.seed)
+    root = store_root(args.store)
+    try:
+        report = synth_store(root, args.runs, args.steps, args.geometry, args.seed)
+    except FileExistsError:  # run ids follow from --seed: the same seed into the same store repeats them
+        raise CliError(
+            f"stepx synth: {root} already holds the synthetic runs of --seed {args.seed}; pass another --seed "
+            "or an empty --store",
+            2,
+        ) from None
     print(json.dumps(report))
     return 0

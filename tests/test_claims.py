@@ -435,3 +435,23 @@ def test_the_store_is_data_store_unless_store_or_stepx_store_says_otherwise(tmp_
     assert store_root(None) == ROOT / "data" / "store"
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/store/runs/x"], cwd=ROOT, check=False)
     assert ignored.returncode == 0, "README: the store is ignored by git"
+
+
+def test_synth_into_a_store_holding_its_runs_is_one_line_and_writes_nothing(tmp_path):
+    """README: bad arguments exit with status 2 and one line. Synthetic run ids follow from --seed, so a second
+    `stepx synth` with the same seed into the same store used to end on a bare 'FileExistsError:'."""
+    import os
+    import subprocess
+    import sys
+
+    from jobs.synth import synth_store
+
+    synth_store(tmp_path, runs=2, steps=2)
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    cmd = [sys.executable, "-m", "stepx.cli", "synth", "--runs", "3", "--steps", "2", "--store", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--seed 0" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == [".lock"]  # no half-written run folder
