@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.state import generators, select_run, store_path
+from dashboard.widgets import plain
 from jobs import queue
 from schema import limits
 
@@ -92,7 +93,7 @@ def request_form() -> GenerateRequest | None:
         limits.check_prompt(prompt, negative)
         limits.check_generation(model, int(steps), int(size), int(size), int(seed), float(guidance))
     except limits.LimitError as exc:
-        st.error(str(exc), icon=":material/block:")
+        st.error(plain(str(exc)), icon=":material/block:")
         return None
     return GenerateRequest(prompt, negative, model, int(seed), int(steps), float(guidance), int(size), int(size))
 

@@ -144,12 +144,14 @@ def depth_models() -> list[dict]:
 
 def guarded(body: Callable[[], None]) -> None:
     """Run a page body; store problems and surprises become one message, never a traceback."""
+    from dashboard.widgets import plain  # messages quote stored text (words, paths): shown as text, never markup
+
     try:
         body()
     except (StoreError, SchemaVersionError) as exc:
-        st.error(str(exc))
+        st.error(plain(str(exc)))
     except Exception as exc:  # noqa: BLE001 - the page must not show a traceback
-        st.error(f"Something went wrong: {type(exc).__name__}: {exc}")
+        st.error(f"Something went wrong: {type(exc).__name__}: {plain(str(exc))}")
 
 
 def select_run(run_id: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -164,3 +165,96 @@ def test_symlinks_and_fifos_out_of_the_store_are_never_read(store_copy, tmp_path
     seg.unlink()
     seg.symlink_to(tmp_path / "seg.parquet")
     one_line_damage(lambda: Store(store_copy).runs())
+
+
+# -- markup in every stored string the dashboard shows ------------------------------------------------------
+
+MARKUP = [
+    "<img src=x onerror=alert(1)>",
+    "[x](javascript:alert(1))",
+    "![x](http://127.0.0.1:9/p.png)",
+    ":red[RED]",
+    "$\\frac{1}{2}$",
+    "**bold**",
+    "www.example.com",
+]
+# Markup that would render: one of the payloads with its first special character not backslash-escaped.
+LIVE = re.compile(
+    r"(?<!\\)<img|(?<!\\)\]\((javascript|http)|(?<!\\):red(?<!\\)\[|(?<!\\)\$\\frac|(?<!\\)\*(?<!\\)\*bold"
+    r"|(?<![\\])www(?<!\\)\.example"
+)
+VIEWS = Path(__file__).resolve().parent.parent / "dashboard" / "views"
+
+
+@pytest.fixture(scope="module")
+def markup_store(tmp_path_factory) -> tuple[Path, str]:
+    """Two runs whose prompt, words, tags, model and gallery names are markup; a damaged gallery progress file."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from jobs.synth import synth_trace
+    from pipeline.trace import TokenInfo
+    from pipeline.trace_writer import build_tables, write_tables
+    from schema.layout import gallery_progress_path
+
+    root = tmp_path_factory.mktemp("markup")
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        tr = synth_trace(rng, datetime(2026, 1, 1, 0, 0, k, tzinfo=UTC), steps=2)
+        tr.run.update(prompt=" ".join(MARKUP), tags=list(MARKUP), model_name=MARKUP[2], gallery=MARKUP[0])
+        words = [MARKUP[i % len(MARKUP)] for i in range(len(tr.tokens) - 2)]
+        tr.tokens[1:-1] = [TokenInfo(i + 1, 1000 + i, w, i, w, "word", True, w, False) for i, w in enumerate(words)]
+        write_tables(root, tr.run["run_id"], build_tables(tr), 2, index=False)
+    update_index(root)
+    progress = gallery_progress_path(root)
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({"gallery": MARKUP[1], "total": 5, "done": "y", "error": MARKUP[2]}))
+    return root, Store(root).runs()[0]["run_id"]
+
+
+def shown_as_markdown(at) -> list[str]:
+    """Every string a page hands to Streamlit's markdown renderer: bodies, alerts, captions, labels, options."""
+    out = []
+    for kind in ("markdown", "caption", "warning", "error", "info", "success", "title", "subheader", "header"):
+        out += [str(e.value) for e in at.get(kind)]
+    for r in at.get("radio"):
+        out += [str(o) for o in r.options] + [str(r.label)]
+    out += [img.caption for e in at.get("image") for img in e.proto.imgs]
+    out += [e.proto.text for e in at.get("progress")]
+    for kind in ("selectbox", "multiselect", "toggle", "slider", "button", "text_input", "expander"):
+        out += [str(getattr(e.proto, a, "")) for e in at.get(kind) for a in ("label", "help")]
+    return out
+
+
+@pytest.mark.parametrize("page", ["gallery", "inspect", "regions", "detect", "compare", "sql"])
+def test_markup_in_stored_text_and_urls_is_never_rendered(markup_store, monkeypatch, page):
+    from streamlit.testing.v1 import AppTest
+
+    root, run_id = markup_store
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    for params in ({"run": run_id, "word": MARKUP[2], "step": MARKUP[0]}, {"run": MARKUP[1], "word": MARKUP[3]}):
+        at = AppTest.from_file(str(VIEWS / f"{page}.py"), default_timeout=120)
+        for k, v in params.items():
+            at.query_params[k] = v
+        at.run()
+        assert not at.exception, at.exception  # the damaged progress file included
+        live = [t for t in shown_as_markdown(at) if LIVE.search(t)]
+        assert not live, live
+
+
+def test_page_errors_quoting_stored_text_are_text(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    def page() -> None:
+        from dashboard.state import guarded
+        from store.errors import WordNotFound
+
+        def body() -> None:
+            raise WordNotFound("'dog' is not a word of this prompt; its words are: ![x](http://127.0.0.1:9/p.png)")
+
+        guarded(body)
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception and len(at.error) == 1
+    assert not LIVE.search(at.error[0].value) and "127" in at.error[0].value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,11 +21,26 @@ STALLED_S = 900.0  # no progress for this long: the build stopped (one run takes
 
 def build_progress(root: str) -> dict | None:
     """The gallery build's progress file (None when there is none or it can't be read)."""
+    path = gallery_progress_path(Path(root))
+    if not path.is_file():  # also never a FIFO, whose read would block the page
+        return None
     try:
-        data = json.loads(gallery_progress_path(Path(root)).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("total"), int) else None
+    if not isinstance(data, dict) or not _number(data.get("total"), int):
+        return None  # written by hand or half-damaged: no progress shown rather than a traceback
+    if not all(data.get(k) is None or _number(data[k]) for k in ("done", "finished_at", "updated_at")):
+        return None
+    total = max(1, data["total"])
+    return {**data, "total": total, "done": min(max(0, int(data.get("done") or 0)), total)}  # a progress bar's range
+
+
+def _number(value: object, kind: type | tuple = (int, float)) -> bool:
+    """Whether a progress field is a finite number of the kind (JSON true/false are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 @st.fragment(run_every=2.0)

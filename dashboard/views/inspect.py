@@ -104,7 +104,7 @@ def concept_picker(names: list[str]) -> int | None:
                       help=tip)  # fmt: skip
     if family == "Cross-attention":
         return None
-    return st.radio("Concept", list(range(len(names))), format_func=names.__getitem__, horizontal=True,
+    return st.radio("Concept", list(range(len(names))), format_func=lambda i: plain(names[i]), horizontal=True,
                     key="inspect_concept")  # fmt: skip
 
 
@@ -150,7 +150,7 @@ def probe_box(root: str, run_id: str) -> None:
             try:
                 job_id = queue.submit(Path(root), {"kind": "probe", "run_id": run_id, "words": queue.probe_words(text)})
             except queue.JobError as exc:
-                st.error(f"Probe not queued: {exc}")
+                st.error(f"Probe not queued: {plain(str(exc))}")
             else:
                 st.success(f"Probe queued as job {job_id}: the worker re-runs this run exactly; then pick it above.")
 
@@ -252,7 +252,7 @@ def body() -> None:
                  caption=f"{plain(label)} · {where}", width="stretch")  # fmt: skip
         st.caption(
             f"Raw values: min {heat.min():.4g}, max {heat.max():.4g} (attention probability per latent pixel, "
-            f"{'levels ' + ', '.join(levels) if levels else 'all levels'} averaged"
+            f"{'levels ' + plain(', '.join(levels)) if levels else 'all levels'} averaged"
             f"{', summed over steps' if step is None else ''}); colours {norm['mode']}: "
             f"{scale.lo:.4g} to {scale.hi:.4g}."
         )

@@ -21,7 +21,7 @@ from analysis.regions import (
 from dashboard.canvas import click_to_pixel, last_object, path_to_points, rect_to_box
 from dashboard.render import decode, gif_bytes, grid, label, mark_point, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path
-from dashboard.widgets import look, normalisation, pick_run, scale_of
+from dashboard.widgets import look, normalisation, pick_run, plain, scale_of
 
 TOOLS = ["Pixel heatmap", "BBox heatmap", "Contour heatmap", "Pixel diffused heatmap"]
 CANVAS_PX = 384
@@ -148,7 +148,7 @@ def body() -> None:
             else:
                 cells = shape_input(tool, image, size, grid, typed)
         except RegionInputError as exc:
-            st.error(str(exc))
+            st.error(plain(str(exc)))
             return
     with right:
         if not cells:
@@ -175,7 +175,7 @@ def show_diffusion(
     try:
         maps = diffuse(matrix, start, cells_grid, iterations, threshold)
     except RegionInputError as exc:
-        st.error(str(exc))
+        st.error(plain(str(exc)))
         return
     scales = [scale_of(m, norm) for m in maps]
     base = image.resize(shown)
