@@ -455,3 +455,17 @@ def test_synth_into_a_store_holding_its_runs_is_one_line_and_writes_nothing(tmp_
     assert len(lines) == 1 and "--seed 0" in lines[0] and "Traceback" not in res.stderr, res.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [".lock"]  # no half-written run folder
+
+
+def test_readme_lists_the_tables_the_sql_console_serves(tmp_path):
+    """Security model: the tables SQL can read are exactly the ones the README names (what a user may query, and
+    what the boundary exposes); read from the sources `Store.sql` hands its query process."""
+    from jobs.synth import synth_store
+    from store import Store
+
+    found = re.search(r"The store's tables \(([^:]+):", _section("Security model"))
+    assert found
+    named = set(re.findall(r"`([a-z_]+)`", found.group(1)))
+    synth_store(tmp_path, runs=1, steps=2)
+    sources, views = Store(tmp_path).sql_sources()
+    assert named == set(sources) | set(views)
