@@ -469,3 +469,12 @@ def test_readme_lists_the_tables_the_sql_console_serves(tmp_path):
     synth_store(tmp_path, runs=1, steps=2)
     sources, views = Store(tmp_path).sql_sources()
     assert named == set(sources) | set(views)
+
+
+def test_bench_readme_is_the_recorded_results(tmp_path):
+    """Benchmarks: bench/README.md is the table of bench/results.json (each figure beside its target), not a
+    hand-edited copy that could drift from what was measured."""
+    from bench.report import write_readme
+
+    write_readme(json.loads((ROOT / "bench" / "results.json").read_text()), tmp_path / "README.md")
+    assert (tmp_path / "README.md").read_text() == (ROOT / "bench" / "README.md").read_text()
