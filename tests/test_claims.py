@@ -478,3 +478,13 @@ def test_bench_readme_is_the_recorded_results(tmp_path):
 
     write_readme(json.loads((ROOT / "bench" / "results.json").read_text()), tmp_path / "README.md")
     assert (tmp_path / "README.md").read_text() == (ROOT / "bench" / "README.md").read_text()
+
+
+def test_readme_generation_time_is_the_model_cards_measurement():
+    """README: 20 steps take about N s. The export measured it into the model card (a timing on a shared machine is
+    not repeatable in a test; that it was measured, and stated as the card states it, is)."""
+    said = re.search(r"20 steps take about ([\d.]+) s on two CPU cores", FLAT)
+    card = " ".join((ROOT / "data" / "models" / "shapes" / "README.md").read_text().split())
+    measured = re.search(r"\(20 steps, guidance [\d.]+, 64 px, CPU, 2 threads\): ([\d.]+) s", card)
+    assert said and measured
+    assert abs(float(said.group(1)) - float(measured.group(1))) <= 0.05 + 1e-9
