@@ -176,11 +176,44 @@ def probe_words(text: str) -> list[str]:
     return list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
 
 
+# The fields each kind of request may hold: anything else (a 50 MB blob, a run_id the queue sets itself, nesting
+# deep enough to break json.dumps) is refused before it is stored.
+FIELDS = {
+    "generate": {"kind", "prompt", "negative", "model", "seed", "steps", "guidance", "width", "height", "tags"},
+    "depth": {"kind", "run_id", "depth_model", "prompt"},
+    "probe": {"kind", "run_id", "words"},
+}
+MAX_TAGS, MAX_TAG_CHARS = 32, 100  # tags are shown on every gallery card
+MAX_PROBES = 64  # each probe text is encoded and traced through every layer
+
+
+def _check_texts(what: str, texts: object, most: int, chars: int) -> None:
+    """JobError unless `texts` is a list of 1..`most` non-empty one-line strings of at most `chars` characters."""
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise JobError(f"{what} is not a list of text")
+    if len(texts) > most:
+        raise JobError(f"{what} has {len(texts):,} entries; the limit is {most}")
+    for t in texts:
+        if len(t) > chars or any(ord(c) < 32 for c in t):
+            raise JobError(f"{what} holds an entry longer than {chars:,} characters or with control characters")
+
+
+def _check_id(job_id: object) -> int:
+    """A job id as SQLite can hold it; JobError (no such job) for anything else."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not -(2**63) <= job_id < 2**63:
+        raise JobError(f"no job {str(job_id)[:40]} in the queue")
+    return job_id
+
+
 def check_request(req: dict) -> dict:
     """The request with its fields checked (types, the model's limits); JobError names the first problem."""
     if not isinstance(req, dict):
         raise JobError("the request is not a JSON object")
     kind = req.get("kind", "generate")
+    if kind in FIELDS:
+        unknown = [k for k in req if k not in FIELDS[kind]]
+        if unknown:
+            raise JobError(f"the {kind} request has an unknown field {str(unknown[0])[:40]!r}")
     if kind == "depth":
         if not valid_run_id(req.get("run_id")):
             raise JobError(f"the depth request names no valid run id ({req.get('run_id')!r})")
@@ -193,6 +226,8 @@ def check_request(req: dict) -> dict:
         words = req.get("words")
         if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
             raise JobError("words is not a list of probe words")
+        if len(words) > MAX_PROBES:
+            raise JobError(f"words has {len(words):,} probes; the limit is {MAX_PROBES}")
         try:
             for w in words:
                 check_prompt(w, "")
@@ -206,7 +241,9 @@ def check_request(req: dict) -> dict:
             raise JobError(f"the request has no {key!r}")
     if not isinstance(req["model"], str) or not req["model"].strip():
         raise JobError("the request's model is not a model name")
-    if not isinstance(req.get("tags", []), list) or not all(isinstance(t, str) for t in req.get("tags", [])):
+    if req.get("tags"):
+        _check_texts("tags", req["tags"], MAX_TAGS, MAX_TAG_CHARS)
+    elif req.get("tags", []) != []:
         raise JobError("tags is not a list of text")
     try:
         check_prompt(req["prompt"], req.get("negative", ""))
@@ -237,6 +274,11 @@ def submit(store: Path, request: dict) -> int:
 
 
 def get(store: Path, job_id: int) -> Job | None:
+    """One job, or None when there is none with that id."""
+    try:
+        _check_id(job_id)
+    except JobError:
+        return None
     with connect(store) as con:
         row = con.execute(f"SELECT {COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     return _job(row) if row else None
@@ -373,6 +415,7 @@ def cancel(store: Path, job_id: int) -> str:
 
     JobError when there is no such job or it has already finished (its status is in the message).
     """
+    _check_id(job_id)
     now = time.time()
     with connect(store) as con:
         con.execute("BEGIN IMMEDIATE")

@@ -258,3 +258,63 @@ def test_page_errors_quoting_stored_text_are_text(monkeypatch):
     at = AppTest.from_function(page).run()
     assert not at.exception and len(at.error) == 1
     assert not LIVE.search(at.error[0].value) and "127" in at.error[0].value
+
+
+# -- the queue ----------------------------------------------------------------------------------------------
+
+
+def _deep(n: int) -> dict:
+    d: dict = {}
+    for _ in range(n):
+        d = {"a": d}
+    return d
+
+
+def _row_text(request: dict) -> str:
+    """The request as JSON text, as a hand-edited row would hold it (nesting too deep for json.dumps written out)."""
+    try:
+        return json.dumps(request)
+    except RecursionError:
+        return '{"prompt": "a", "model": "shapes", "extra": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001
+
+
+HOSTILE_REQUESTS = [
+    {"prompt": "a", "model": "shapes", "tags": ["x" * 10_000_000]},
+    {"prompt": "a", "model": "shapes", "tags": ["x"] * 100_000},
+    {"prompt": "a", "model": "shapes", "tags": ["\x00<img src=x>"]},
+    {"prompt": "a", "model": "shapes", "tags": "not a list"},
+    {"prompt": "a", "model": "shapes", "extra": _deep(100_000)},  # json.dumps would raise RecursionError
+    {"prompt": "a", "model": "shapes", "blob": "x" * 5_000_000},
+    {"prompt": "a", "model": "shapes", "run_id": "../../x"},  # the queue sets the run id itself
+    {"kind": "probe", "run_id": "20260101-000000-abcdef", "words": ["dog"] * 10_000},
+    {"kind": "depth", "run_id": "20260101-000000-abcdef", "extra": 1},
+]
+
+
+@pytest.mark.parametrize("request_", HOSTILE_REQUESTS, ids=range(len(HOSTILE_REQUESTS)))
+def test_hostile_requests_are_refused_in_one_line_and_fail_alone_when_written_by_hand(tmp_path, request_):
+    from jobs import queue
+
+    with pytest.raises(queue.JobError) as err:
+        queue.submit(tmp_path, request_)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200
+    good = queue.submit(tmp_path, {"prompt": "a red circle", "model": "shapes", "steps": 2})
+    with queue.connect(tmp_path) as con:  # the same request written straight into the queue, ahead of the good one
+        con.execute(
+            "INSERT INTO jobs (job_id, created_at, status, request, run_id) VALUES (0, 0, 'queued', ?, ?)",
+            (_row_text(request_), "x"),
+        )
+    claimed = queue.claim(tmp_path)
+    assert claimed is not None and claimed.job_id == good
+    bad = queue.get(tmp_path, 0)
+    assert bad.status == "failed" and bad.error.startswith("unusable job")
+
+
+def test_job_ids_out_of_range_are_no_job(tmp_path):
+    from jobs import queue
+
+    queue.submit(tmp_path, {"prompt": "a red circle", "model": "shapes"})
+    for job_id in (2**70, -(2**70), 999):
+        assert queue.get(tmp_path, job_id) is None
+        with pytest.raises(queue.JobError, match="no job"):
+            queue.cancel(tmp_path, job_id)
