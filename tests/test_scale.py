@@ -77,7 +77,7 @@ def test_store_urls_parse_and_bad_ones_are_one_line(capsys):
     assert "stepx batch" in capsys.readouterr().err
 
 
-def test_batch_inputs_and_run_ids(tmp_path):
+def test_batch_inputs_and_run_ids(tmp_path, capsys):
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     for bad in ("x", "5-2", "-1"):
         with pytest.raises(BatchError):
@@ -92,6 +92,16 @@ def test_batch_inputs_and_run_ids(tmp_path):
     pq.write_table(pa.table({"text": ["a star"]}), tmp_path / "q.parquet")
     with pytest.raises(BatchError, match="no text column 'prompt'"):
         read_prompts(tmp_path / "q.parquet")
+    for argv, said in (
+        (["batch", str(tmp_path / "none.txt")], "no prompts file"),
+        (["batch", str(tmp_path / "p.txt"), "--seeds", "9-1"], "ascending range"),
+        (["batch", str(tmp_path / "q.parquet")], "no text column 'prompt'"),
+        (["batch", str(tmp_path / "p.txt"), "--workers", "0"], "--workers"),
+    ):
+        assert main([*argv, "--store", str(tmp_path / "store")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
+    assert not (tmp_path / "store" / "runs").exists()  # nothing half-written
     a, b = BatchItem("a red circle", 1), BatchItem("a red circle", 2)
     assert batch_run_id(a, "f1") == batch_run_id(BatchItem("a red circle", 1), "f1")
     assert len({batch_run_id(a, "f1"), batch_run_id(b, "f1"), batch_run_id(a, "f2")}) == 3
