@@ -488,3 +488,22 @@ def test_readme_generation_time_is_the_model_cards_measurement():
     measured = re.search(r"\(20 steps, guidance [\d.]+, 64 px, CPU, 2 threads\): ([\d.]+) s", card)
     assert said and measured
     assert abs(float(said.group(1)) - float(measured.group(1))) <= 0.05 + 1e-9
+
+
+def test_readme_dependency_floors_are_pyprojects():
+    """Dependencies: each floor the README names (and torch's declared one) is the one pyproject.toml declares,
+    which is what tests/test_dependency_floors.py installs."""
+    import tomllib
+
+    declared = {}
+    for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        found = re.match(r"([A-Za-z0-9_.-]+)>=([\d.]+)", req)
+        if found:
+            declared[found.group(1).lower()] = found.group(2)
+    text = _section("Dependencies")
+    named = dict(re.findall(r"(diffusers|transformers|DuckDB|Streamlit|Pillow) ([\d.]+) \(", text))
+    assert len(named) == 5, named
+    for name, version in named.items():
+        assert declared[name.lower()].removesuffix(".0") == version.removesuffix(".0"), (name, version)
+    torch_floor = re.search(r"its floor of ([\d.]+) is declared", text)
+    assert torch_floor and declared["torch"] == torch_floor.group(1)
