@@ -507,3 +507,23 @@ def test_readme_dependency_floors_are_pyprojects():
         assert declared[name.lower()].removesuffix(".0") == version.removesuffix(".0"), (name, version)
     torch_floor = re.search(r"its floor of ([\d.]+) is declared", text)
     assert torch_floor and declared["torch"] == torch_floor.group(1)
+
+
+def test_stored_grids_are_the_readmes_for_real_layouts():
+    """What is captured: on SD 1.5's block layout at 512 px the levels are 64x64, 32x32, 16x16 and mid-8x8, the
+    self grid 32x32 (<= 1,536 cells; 32x48 at 512x768) and the step grid 16x16 (<= 384 cells); SDXL at 1024 px
+    has levels 64x64 and 32x32 and stores self-attention at 32x32, 16x16 per step. Read from the capture's own
+    plan on UNets with the real block layouts (tiny channels: the grids depend only on the blocks)."""
+    from pipeline.capture import plan_grids
+    from pipeline.tiny import build_tiny_pipeline
+
+    sd15 = build_tiny_pipeline("sd15").unet
+    self_grid, step_grid, levels = plan_grids(sd15, (64, 64))
+    assert levels == [(64, 64), (32, 32), (16, 16), (8, 8, "mid")]
+    assert (self_grid, step_grid) == ((32, 32), (16, 16))
+    tall_self, tall_step, _ = plan_grids(sd15, (96, 64))  # 512 wide, 768 high
+    assert sorted(tall_self) == [32, 48] and tall_self[0] * tall_self[1] <= 1536
+    assert tall_step[0] * tall_step[1] <= 384
+    self_grid, step_grid, levels = plan_grids(build_tiny_pipeline("sdxl").unet, (128, 128))
+    assert {lv[:2] for lv in levels} == {(64, 64), (32, 32)}
+    assert (self_grid, step_grid) == ((32, 32), (16, 16))
