@@ -194,6 +194,11 @@ def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | No
             print(f"stepx worker: job {job.job_id} (attempt {job.attempts})", file=sys.stderr, flush=True)
             current["job"] = job
             try:
-                run_job(store, job, models, device)
+                if os.environ.get("STEPX_RAY_ADDRESS"):  # on a Ray cluster (jobs.ray_jobs), same queue semantics
+                    from jobs.ray_jobs import run_job_on_ray
+
+                    run_job_on_ray(store, job, models, device)
+                else:
+                    run_job(store, job, models, device)
             finally:
                 current["job"] = None
