@@ -309,6 +309,11 @@ class Store:
             "SELECT run_id, created_at, prompt, negative_prompt, seed, steps, guidance, model_name, "
             "width, height, tags, gallery FROM runs WHERE true"
         )
+        for name, value in (("text", text), ("tag", tag), ("model", model), ("gallery", gallery)):
+            if value is not None and not isinstance(value, str):
+                raise StoreError(f"runs(): {name} must be text, got {type(value).__name__}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62):
+            raise StoreError(f"runs(): limit must be a whole number from 0 (no limit), got {str(limit)[:40]}")
         params: list = []
         if text:
             sql += " AND contains(lower(prompt), lower(?))"
@@ -364,7 +369,7 @@ class Store:
 
     def tokens(self, run_id: str) -> list[dict]:
         """The run's tokens in order (start, word pieces, end)."""
-        rows = self._catalog().tokens(run_id)
+        rows = self._catalog().tokens(self._indexed(run_id))
         if not rows:
             self.run(run_id)
         return rows
@@ -391,6 +396,8 @@ class Store:
                 known = ", ".join(self.encoders(run_id)) or "none recorded"
                 raise StoreError(f"run {run_id} has no {encoder!r} text encoder; its encoders: {known}")
             words = [w for w in words if w.encoder == encoder]
+        if isinstance(word, bool) or not isinstance(word, str | int | np.integer):
+            raise WordNotFound(f"a word is text or a word index, not {type(word).__name__}")
         if isinstance(word, str) and word == GLOBAL:
             return [i for w in words for i in w.token_indices]
         if isinstance(word, int | np.integer):
@@ -448,6 +455,10 @@ class Store:
     def _read_rows(self, run_id: str, table: str, step: int | None, columns: list[str]) -> pa.Table:
         """Rows of one step (or all steps), reading only the row groups that can hold them."""
         pf, ranges = self._file(run_id, table)
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):
+            raise StoreError(f"run {run_id}: a step is a whole number (or None for all steps), not {str(step)[:40]!r}")
+        if step is not None and not -(2**31) <= step < 2**31:
+            step = 2**31 - 1  # past every stored step (int32): no rows, the caller says which steps there are
         groups = [i for i, (lo, hi) in enumerate(ranges) if step is None or lo <= step <= hi]
         try:
             data = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table()
@@ -477,6 +488,8 @@ class Store:
         levels=None gives every stored level ('HxW', 'mid-HxW'); ask for 'all' to get the stored DAAM map.
         """
         tokens = list(token_indices)
+        if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) and 0 <= t < 2**31 for t in tokens):
+            raise StoreError(f"run {run_id}: token indices are whole numbers from 0")
         pos = {t: i for i, t in enumerate(tokens)}
         wanted = [lv for lv in levels or [] if lv != ALL]
         has_daam = "daam_map" in self._cross_columns(run_id)

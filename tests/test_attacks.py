@@ -21,7 +21,7 @@ from pipeline.index import read_manifest, rebuild_index, update_index
 from schema import SchemaVersionError
 from schema.layout import ManifestError
 from store import Store
-from store.errors import IndexDamaged, RunDataMissing
+from store.errors import IndexDamaged, RunDataMissing, StoreError
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +318,67 @@ def test_job_ids_out_of_range_are_no_job(tmp_path):
         assert queue.get(tmp_path, job_id) is None
         with pytest.raises(queue.JobError, match="no job"):
             queue.cancel(tmp_path, job_id)
+
+
+# -- the Python API (stepx.open_store) with hostile arguments --------------------------------------------------
+
+HOSTILE_IDS = [
+    "../../x",
+    "",
+    None,
+    123,
+    "a" * 1000,
+    "x\x00",
+    ".",
+    "..",
+    Path("/etc"),
+    b"abc",
+    "/etc/passwd",
+    ["x"],
+    1.5,
+]
+
+
+def test_every_run_id_taking_function_refuses_hostile_ids_in_one_line(base_store):
+    import inspect
+
+    import stepx
+
+    s = stepx.open_store(base_store)
+    extra = {"resolve_word": ["Global"], "word_map": ["Global"], "probe_map": ["x"], "cross_maps": [[1]]}
+    names = [n for n, f in inspect.getmembers(Store, inspect.isfunction) if not n.startswith("_")]
+    checked = 0
+    for name in names:
+        method = getattr(s, name)
+        if list(inspect.signature(method).parameters)[:1] != ["run_id"]:
+            continue
+        for run_id in HOSTILE_IDS:
+            with pytest.raises(StoreError) as err:
+                method(run_id, *extra.get(name, []))
+            assert "\n" not in str(err.value) and len(str(err.value)) < 300, (name, run_id)
+            checked += 1
+    assert checked >= 15 * len(HOSTILE_IDS)  # every per-run read: run, tokens, maps, images, depth, probes, ...
+
+
+def test_hostile_arguments_are_one_line_store_errors(base_store):
+    s = Store(base_store)
+    run_id = s.runs()[0]["run_id"]
+    calls = [
+        lambda: s.word_map(run_id, None),
+        lambda: s.word_map(run_id, 1.5),
+        lambda: s.word_map(run_id, "Global", step="x"),
+        lambda: s.word_map(run_id, "Global", step=True),
+        lambda: s.word_map(run_id, "Global", step=10**30),
+        lambda: s.image(run_id, step="x"),
+        lambda: s.self_attention(run_id, step=10**30),
+        lambda: s.runs(limit=-1),
+        lambda: s.runs(limit=10**30),
+        lambda: s.runs(tag=["x"]),
+        lambda: s.cross_maps(run_id, ["x"]),
+        lambda: s.cross_maps(run_id, [10**30]),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert s.runs(text="%' OR 1=1 --") == []  # bound as a parameter: a filter, not SQL
