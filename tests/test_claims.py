@@ -527,3 +527,24 @@ def test_stored_grids_are_the_readmes_for_real_layouts():
     self_grid, step_grid, levels = plan_grids(build_tiny_pipeline("sdxl").unet, (128, 128))
     assert {lv[:2] for lv in levels} == {(64, 64), (32, 32)}
     assert (self_grid, step_grid) == ((32, 32), (16, 16))
+
+
+@pytest.mark.slow
+def test_record_stores_the_seed_only_when_the_generator_was_fresh(tmp_path):
+    """Use StepX from Python: "The seed is stored when the generator was fresh (`manual_seed` just before the
+    call), else null": a generator already drawn from, or none at all, would make a stored seed a lie."""
+    import torch
+
+    import stepx
+    from tests.test_api import CALL, PROMPT, _pipe
+
+    pipe = _pipe()
+    used = torch.Generator().manual_seed(7)
+    torch.randn(3, generator=used)  # drawn from before the call: its state is no longer seed 7's
+    with stepx.record(pipe, store=tmp_path) as rec:
+        pipe(PROMPT, generator=torch.Generator().manual_seed(7), **CALL)
+        pipe(PROMPT, generator=used, **CALL)
+        pipe(PROMPT, **CALL)
+    assert [r.info()["seed"] for r in rec.runs] == [7, None, None]
+    stored = stepx.open_store(tmp_path).sql("SELECT seed FROM runs ORDER BY run_id").rows
+    assert sorted(stored, key=lambda r: r[0] is None) == [(7,), (None,), (None,)]
