@@ -106,8 +106,13 @@ def manifest_problem(root: Path, m: Manifest) -> str | None:
 
 
 def is_indexed(root: Path, run_id: str) -> bool:
-    """Whether the index lists this run (InvalidRunId for a malformed id, ManifestError for a damaged index)."""
-    return check_run_id(run_id) in read_manifest(root).run_ids
+    """Whether the index lists this run and its folder is a real one in runs/ (not a symlink out of the store, which
+    a writer adding a file beside the run would follow); InvalidRunId for a malformed id, ManifestError for a
+    damaged index."""
+    if check_run_id(run_id) not in read_manifest(root).run_ids:
+        return False
+    folder = run_dir(root, run_id)
+    return folder.is_dir() and not folder.is_symlink()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -382,3 +382,20 @@ def test_hostile_arguments_are_one_line_store_errors(base_store):
             call()
         assert "\n" not in str(err.value)
     assert s.runs(text="%' OR 1=1 --") == []  # bound as a parameter: a filter, not SQL
+
+
+def test_writers_never_follow_a_run_folder_symlinked_out_of_the_store(store_copy, tmp_path):
+    import numpy as np
+
+    from pipeline.depth import write_depth
+    from pipeline.index import is_indexed
+
+    run_id = manifest(store_copy)["run_ids"][0]
+    outside = tmp_path / "outside"
+    shutil.move(store_copy / "runs" / run_id, outside)
+    (store_copy / "runs" / run_id).symlink_to(outside)  # still listed by the manifest
+    before = sorted(p.name for p in outside.iterdir())
+    assert not is_indexed(store_copy, run_id)
+    with pytest.raises(FileNotFoundError):
+        write_depth(store_copy, run_id, np.zeros((4, 4), np.float32), "m", "relative")
+    assert sorted(p.name for p in outside.iterdir()) == before  # nothing written outside the store
