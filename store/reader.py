@@ -488,8 +488,9 @@ class Store:
         levels=None gives every stored level ('HxW', 'mid-HxW'); ask for 'all' to get the stored DAAM map.
         """
         tokens = list(token_indices)
-        if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) and 0 <= t < 2**31 for t in tokens):
-            raise StoreError(f"run {run_id}: token indices are whole numbers from 0")
+        ok = TEXT_SHARE_TOKEN  # -1: a DiT run's text share is stored as a token row
+        if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) and ok <= t < 2**31 for t in tokens):
+            raise StoreError(f"run {run_id}: token indices are whole numbers from 0 (or {ok}, the text share)")
         pos = {t: i for i, t in enumerate(tokens)}
         wanted = [lv for lv in levels or [] if lv != ALL]
         has_daam = "daam_map" in self._cross_columns(run_id)
