@@ -399,3 +399,15 @@ def test_writers_never_follow_a_run_folder_symlinked_out_of_the_store(store_copy
     with pytest.raises(FileNotFoundError):
         write_depth(store_copy, run_id, np.zeros((4, 4), np.float32), "m", "relative")
     assert sorted(p.name for p in outside.iterdir()) == before  # nothing written outside the store
+
+
+def test_sql_console_errors_quoting_stored_values_are_text(markup_store, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    root, _ = markup_store
+    monkeypatch.setenv("STEPX_STORE", str(root))
+    at = AppTest.from_file(str(VIEWS / "sql.py"), default_timeout=120).run()
+    at.text_area(key="sql_query").input("SELECT CAST(prompt AS INTEGER) FROM runs").run()  # quotes the prompt
+    at.button(key="sql_run").click().run()
+    assert not at.exception and len(at.error) == 1
+    assert "onerror" in at.error[0].value and not LIVE.search(at.error[0].value), at.error[0].value

@@ -9,6 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.state import guarded, store
+from dashboard.widgets import plain
 from schema import USER_VIEWS, column_docs
 from store import QueryError, Results
 from store.sql import EXAMPLES
@@ -82,7 +83,7 @@ def body() -> None:
             st.session_state.pop("sql_result", None)
         st.session_state["sql_last"] = query
     if "sql_error" in st.session_state:
-        st.error(st.session_state["sql_error"])
+        st.error(plain(st.session_state["sql_error"]))  # quotes the query and stored values: text, never markup
         return
     res: Results = st.session_state["sql_result"]
     st.caption(f"{len(res.rows)} rows in {res.elapsed_ms:.0f} ms")
