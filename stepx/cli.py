@@ -28,7 +28,15 @@ from stepx import commands_probe as probe
 from stepx import commands_read as read
 from stepx import commands_run as run
 from stepx import commands_scale as scale
-from stepx.commands_base import CliError, checked_store, count, limited, log_exception, os_error_line
+from stepx.commands_base import (
+    CliError,
+    checked_store,
+    count,
+    limited,
+    log_exception,
+    os_error_line,
+    terminal_text,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,12 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stepx: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"{prefix}: {os_error_line(exc)}", file=sys.stderr)
+        print(f"{prefix}: {terminal_text(os_error_line(exc))}", file=sys.stderr)
         return 2 if exc.errno in (errno.EISDIR, errno.ENOTDIR) else 1
     except Exception as exc:  # noqa: BLE001 - every failure ends as one line; unexpected ones are logged
         status = _status(exc)
         if status is not None:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = terminal_text(message)  # errors quote stored text and arguments
             print(message if message.startswith("stepx") else f"{prefix}: {message}", file=sys.stderr)
             return status
         log = log_exception(root, argv)

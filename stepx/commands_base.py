@@ -194,7 +194,8 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
     elif fmt == "json":
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
     else:
-        cells = [[_cell(c) for c in columns]] + [["" if v is None else _cell(v) for v in r] for r in rows]
+        cells = [[terminal_text(c) for c in columns]]
+        cells += [["" if v is None else terminal_text(v) for v in r] for r in rows]
         widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(columns))]
         for n, row in enumerate(cells):
             print("  ".join(v[:60].ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -202,7 +203,8 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
                 print("  ".join("-" * w for w in widths))
 
 
-def _cell(value: object) -> str:
-    """A table cell's text with control characters escaped, so stored text can't drive the terminal."""
+def terminal_text(value: object) -> str:
+    """Text for the terminal with control and format characters escaped (ESC, C1 CSI, bidi overrides), so
+    stored text (prompts, words, values quoted in error messages) can't drive the terminal."""
     text = str(value)
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from schema.layout import store_root
-from stepx.commands_base import open_store, print_rows
+from stepx.commands_base import open_store, print_rows, terminal_text
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -22,8 +22,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     run = store.run(args.run_id)
     for k, v in run.items():
         if k != "config_json":
-            print(f"{k:>18}: {v}")
-    print("\nwords:", " | ".join(f"{w.word_index}:{w.word}" for w in store.words(args.run_id)))
+            print(f"{k:>18}: {terminal_text(v)}")
+    print("\nwords:", terminal_text(" | ".join(f"{w.word_index}:{w.word}" for w in store.words(args.run_id))))
     return 0
 
 

@@ -411,3 +411,34 @@ def test_sql_console_errors_quoting_stored_values_are_text(markup_store, monkeyp
     at.button(key="sql_run").click().run()
     assert not at.exception and len(at.error) == 1
     assert "onerror" in at.error[0].value and not LIVE.search(at.error[0].value), at.error[0].value
+
+
+# -- the terminal --------------------------------------------------------------------------------------------
+
+TERMINAL_ATTACK = "a \x1b[2J\x1b]8;;http://evil/\x07click\x1b]8;;\x07 \u009b31m red \u202e circle"
+
+
+def test_stored_text_never_drives_the_terminal(tmp_path, capsys):
+    """A stored prompt with escape sequences (clear screen, a hidden hyperlink, C1 CSI, a bidi override) is printed
+    escaped by `stepx show`, in `stepx sql` tables, and in the one-line error that quotes it."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from jobs.synth import synth_trace
+    from pipeline.trace_writer import build_tables, write_tables
+    from stepx.cli import main
+
+    trace = synth_trace(np.random.default_rng(0), datetime(2026, 1, 1, tzinfo=UTC), steps=2)
+    trace.run["prompt"] = TERMINAL_ATTACK
+    write_tables(tmp_path, trace.run["run_id"], build_tables(trace), 2)
+    store = ["--store", str(tmp_path)]
+    for argv, status in [
+        (["show", trace.run["run_id"], *store], 0),
+        (["sql", "SELECT prompt FROM runs", *store], 0),
+        (["sql", "SELECT CAST(prompt AS INTEGER) FROM runs", *store], 2),
+    ]:
+        assert main(argv) == status
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert "click" in text and not any(c in text for c in "\x1b\x07\u009b\u202e"), argv
