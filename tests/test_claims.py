@@ -548,3 +548,13 @@ def test_record_stores_the_seed_only_when_the_generator_was_fresh(tmp_path):
     assert [r.info()["seed"] for r in rec.runs] == [7, None, None]
     stored = stepx.open_store(tmp_path).sql("SELECT seed FROM runs ORDER BY run_id").rows
     assert sorted(stored, key=lambda r: r[0] is None) == [(7,), (None,), (None,)]
+
+
+def test_make_test_runs_every_test_and_is_what_ci_runs():
+    """Two commands: `make test` runs every test (slow and browser ones too: no marker filter) and is what CI
+    runs through .ci/run, which makes browser tests run rather than skip."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:.*?\n((?:\t.*\n?)+)", makefile, re.M)
+    assert recipe and re.search(r"pytest -m \"\"\s*$", recipe.group(1), re.M), "make test must not filter markers"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M) and "STEPX_REQUIRE_BROWSER=1" in ci
