@@ -194,7 +194,7 @@ def _check_texts(what: str, texts: object, most: int, chars: int) -> None:
     if len(texts) > most:
         raise JobError(f"{what} has {len(texts):,} entries; the limit is {most}")
     for t in texts:
-        if len(t) > chars or any(ord(c) < 32 for c in t):
+        if len(t) > chars or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in t):
             raise JobError(f"{what} holds an entry longer than {chars:,} characters or with control characters")
 
 

@@ -111,7 +111,7 @@ def check_prompt(prompt: object, negative: object = "") -> None:
     for label, text in (("prompt", prompt), ("negative prompt", negative)):
         if len(text) > most:
             raise LimitError(f"the {label} is {len(text)} characters; the limit is {most:,}")
-        if any(ord(c) < 32 and c not in "\t\n" for c in text):
+        if any((ord(c) < 32 or 127 <= ord(c) < 160) and c not in "\t\n" for c in text):  # C0, DEL and C1 (CSI)
             raise LimitError(f"the {label} holds control characters; remove them")
 
 

@@ -442,3 +442,15 @@ def test_stored_text_never_drives_the_terminal(tmp_path, capsys):
         out = capsys.readouterr()
         text = out.out + out.err
         assert "click" in text and not any(c in text for c in "\x1b\x07\u009b\u202e"), argv
+
+
+@pytest.mark.parametrize("text", ["a \x1b[2J red circle", "a \u009b31m red circle", "a red\x7f circle", "a\x00b"])
+def test_prompts_and_tags_with_control_characters_are_refused(tmp_path, text):
+    from jobs import queue
+    from schema.limits import LimitError, check_prompt
+
+    with pytest.raises(LimitError, match="control characters"):
+        check_prompt(text)
+    with pytest.raises(queue.JobError, match="control characters"):
+        queue.submit(tmp_path, {"prompt": "a red circle", "model": "shapes", "tags": [text]})
+    check_prompt("a café\tcircle\nwith a\u00a0space")  # tabs, newlines and non-ASCII text are fine
