@@ -149,7 +149,11 @@ class Store:
     """A read-only view of one store folder; safe to share across threads."""
 
     def __init__(self, root: str | Path | None = None, cache_runs: int = 64) -> None:
+        if root is not None and (not isinstance(root, str | os.PathLike) or "\x00" in str(root)):
+            raise StoreError(f"a store is a folder path, not {str(root)[:60]!r}")
         self.root = store_root(root).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the store {self.root} is not a folder")
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
         self._manifest_key: tuple | None = None

@@ -454,3 +454,12 @@ def test_prompts_and_tags_with_control_characters_are_refused(tmp_path, text):
     with pytest.raises(queue.JobError, match="control characters"):
         queue.submit(tmp_path, {"prompt": "a red circle", "model": "shapes", "tags": [text]})
     check_prompt("a café\tcircle\nwith a\u00a0space")  # tabs, newlines and non-ASCII text are fine
+
+
+@pytest.mark.parametrize("path", [123, b"/tmp", "\x00", ["x"], "/dev/null", "/etc/passwd"])
+def test_open_store_refuses_what_is_not_a_store_folder_in_one_line(path):
+    import stepx
+
+    with pytest.raises(StoreError) as err:
+        stepx.open_store(path).runs()
+    assert "\n" not in str(err.value) and ("folder" in str(err.value))
