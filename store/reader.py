@@ -525,6 +525,8 @@ class Store:
             w = int(table.column("level_width")[int(idx[0])].as_py())
             maps_col = table.column("daam_map" if level == ALL else "map").take(pa.array(idx)).combine_chunks()
             flat = maps_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            if h <= 0 or w <= 0 or flat.size != len(idx) * h * w:  # checked before allocating (h, w) maps
+                raise RunDataMissing(f"run {run_id}: its {level} maps don't match their stored size {h}x{w}")
             arr = np.zeros((len(step_ids), len(tokens), h, w), dtype=np.float32)
             arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(len(idx), h, w)
             out[level] = arr
@@ -624,7 +626,12 @@ class Store:
         grid = (row["grid_height"], row["grid_width"])
         n = grid[0] * grid[1]
         scale = table.column("row_scale")[0].values.to_numpy()
-        matrix = decode_rows(scale, table.column("values")[0].as_buffer(), (n, n))
+        if grid[0] <= 0 or grid[1] <= 0 or len(scale) != n:  # checked before decoding an (n, n) matrix
+            raise RunDataMissing(f"run {run_id}: its self-attention doesn't match its stored grid {grid[0]}x{grid[1]}")
+        try:
+            matrix = decode_rows(scale, table.column("values")[0].as_buffer(), (n, n))
+        except ValueError as exc:
+            raise RunDataMissing(f"run {run_id}: its self-attention values are damaged ({exc})") from None
         return SelfAttention(grid, matrix, kind, row["step_index"])
 
     def depth(self, run_id: str) -> tuple[np.ndarray, dict] | None:

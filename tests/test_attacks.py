@@ -463,3 +463,26 @@ def test_open_store_refuses_what_is_not_a_store_folder_in_one_line(path):
     with pytest.raises(StoreError) as err:
         stepx.open_store(path).runs()
     assert "\n" not in str(err.value) and ("folder" in str(err.value))
+
+
+@pytest.mark.parametrize(
+    "table, column, value",
+    [
+        ("self_attention", "grid_height", 60_000),
+        ("self_attention", "grid_width", -5),
+        ("cross_attention", "level_height", 100_000),
+        ("cross_attention", "level_width", 0),
+    ],
+)
+def test_run_files_whose_stored_shape_lies_are_missing_data(store_copy, table, column, value):
+    run_id = manifest(store_copy)["run_ids"][0]
+    path = store_copy / "runs" / run_id / f"{table}.parquet"
+    pf = pq.ParquetFile(path)
+    t = pf.read()
+    i = t.schema.get_field_index(column)
+    t = t.set_column(i, column, pa.array([value] * t.num_rows, t.schema.field(i).type))
+    pq.write_table(t.replace_schema_metadata(pf.schema_arrow.metadata), path)
+    s = Store(store_copy)
+    call = (lambda: s.self_attention(run_id)) if table == "self_attention" else (lambda: s.word_map(run_id, "Global"))
+    with pytest.raises(RunDataMissing, match="stored"):
+        call()
