@@ -644,8 +644,11 @@ class Store:
         except (OSError, pa.ArrowException) as exc:
             raise RunDataMissing(f"run {run_id}: depth.parquet is unreadable ({exc})") from exc
         check_version(pf.schema_arrow.metadata, where=f"run {run_id}")
-        row = pf.read().to_pylist()[0]
-        depth = np.asarray(row.pop("map"), dtype=np.float32).reshape(row["height"], row["width"])
+        try:
+            row = pf.read().to_pylist()[0]
+            depth = np.asarray(row.pop("map"), dtype=np.float32).reshape(row["height"], row["width"])
+        except (IndexError, KeyError, TypeError, ValueError, pa.ArrowException) as exc:
+            raise RunDataMissing(f"run {run_id}: depth.parquet is damaged ({str(exc)[:80]})") from None
         return depth, row
 
     def _probe_table(self, run_id: str) -> pa.Table | None:
@@ -680,8 +683,11 @@ class Store:
             raise WordNotFound(f"run {run_id} has no probe {probe!r}" + (f" word {word!r}" if word else ""))
         shape = (rows[0]["map_height"], rows[0]["map_width"])
         steps: dict[int, list[np.ndarray]] = {}
-        for r in rows:
-            steps.setdefault(r["step_index"], []).append(np.asarray(r["daam_map"], dtype=np.float32).reshape(shape))
+        try:
+            for r in rows:
+                steps.setdefault(r["step_index"], []).append(np.asarray(r["daam_map"], dtype=np.float32).reshape(shape))
+        except (TypeError, ValueError) as exc:
+            raise RunDataMissing(f"run {run_id}: probe_maps.parquet is damaged ({str(exc)[:80]})") from None
         return np.sum([np.mean(maps, axis=0) for maps in steps.values()], axis=0)
 
     def concepts(self, run_id: str) -> list[str]:

@@ -486,3 +486,19 @@ def test_run_files_whose_stored_shape_lies_are_missing_data(store_copy, table, c
     call = (lambda: s.self_attention(run_id)) if table == "self_attention" else (lambda: s.word_map(run_id, "Global"))
     with pytest.raises(RunDataMissing, match="stored"):
         call()
+
+
+def test_damaged_depth_file_is_missing_data(store_copy):
+    import numpy as np
+
+    from pipeline.depth import write_depth
+
+    run_id = manifest(store_copy)["run_ids"][0]
+    path = write_depth(store_copy, run_id, np.ones((4, 4), np.float32), "m", "relative")
+    assert Store(store_copy).depth(run_id)[0].shape == (4, 4)
+    pf = pq.ParquetFile(path)
+    t = pf.read()
+    t = t.set_column(t.schema.get_field_index("height"), "height", pa.array([1000], t.schema.field("height").type))
+    pq.write_table(t.replace_schema_metadata(pf.schema_arrow.metadata), path)
+    with pytest.raises(RunDataMissing, match="damaged"):
+        Store(store_copy).depth(run_id)
