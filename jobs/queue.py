@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS workers (
 """
 
 
+class QueueDamaged(sqlite3.DatabaseError):
+    """The queue file can't be opened as a queue (not a database, a folder, a FIFO); one line saying what to do."""
+
+
 class JobError(ValueError):
     """A queue request that can't be carried out (unknown job, unusable request); one line for the user."""
 
@@ -104,11 +108,18 @@ def connect(store: Path) -> Iterator[sqlite3.Connection]:
     """A short-lived connection to the queue (created on first use)."""
     path = queue_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_file():
+        raise QueueDamaged(f"the job queue {path} is not a file; move it away to start a new queue")
     con = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA busy_timeout=30000")
-        con.executescript(SCHEMA)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=30000")
+            con.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise QueueDamaged(
+                f"the job queue {path} can't be read ({exc}); move it away to start a new queue"
+            ) from None
         yield con
     finally:
         con.close()

@@ -247,6 +247,7 @@ CANNOT_SERVE = (  # exit 1: a valid request the store or the machine can't serve
     "store.errors:StoreError",
     "schema.tables:SchemaVersionError",
     "schema.layout:ManifestError",
+    "jobs.queue:QueueDamaged",
     "pipeline.models:ModelNotFoundError",
     "analysis.titan:NounsUnavailable",
 )

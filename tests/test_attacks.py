@@ -502,3 +502,23 @@ def test_damaged_depth_file_is_missing_data(store_copy):
     pq.write_table(t.replace_schema_metadata(pf.schema_arrow.metadata), path)
     with pytest.raises(RunDataMissing, match="damaged"):
         Store(store_copy).depth(run_id)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "fifo", "folder"])
+def test_damaged_queue_file_is_one_line_everywhere(tmp_path, capsys, kind):
+    from jobs import queue
+    from stepx.cli import main
+
+    path = queue.queue_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    if kind == "garbage":
+        path.write_text("not a database")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(queue.QueueDamaged, match="move it away"):
+        within(20, lambda: queue.submit(tmp_path, {"prompt": "a red circle", "model": "shapes"}))
+    assert within(20, lambda: main(["jobs", "--store", str(tmp_path)])) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "move it away" in err and "unexpected" not in err
