@@ -580,3 +580,15 @@ def test_a_query_process_starts_in_a_fraction_of_a_second(tmp_path):
         assert store.sql("SELECT count(*) FROM runs").rows == [(1,)]
         times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 5 * float(said.group(1)), times
+
+
+def test_record_refuses_a_diffusion_transformer_in_one_line(tmp_path):
+    """Use StepX from Python: "UNet pipelines only (diffusion transformers: `stepx generate`)": recording an SD3
+    pipeline is refused before any call, with the pipeline's class named, and nothing is written."""
+    import stepx
+    from pipeline.models import load_model
+
+    pipe = load_model("tiny-sd3").pipe
+    with pytest.raises(TypeError, match="StableDiffusion3Pipeline has no unet"), stepx.record(pipe, store=tmp_path):
+        pipe("a cat", num_inference_steps=2)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
