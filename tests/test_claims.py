@@ -592,3 +592,20 @@ def test_record_refuses_a_diffusion_transformer_in_one_line(tmp_path):
     with pytest.raises(TypeError, match="StableDiffusion3Pipeline has no unet"), stepx.record(pipe, store=tmp_path):
         pipe("a cat", num_inference_steps=2)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_in_place_writers_refuse_an_s3_store_in_one_line(capsys):
+    """Scale out: "Commands that write in place (...) refuse an S3 store with one line": each command the README
+    names there, run for real, exits 2 with one line before touching anything (no S3 endpoint exists here)."""
+    from stepx.cli import main
+
+    found = re.search(r"Commands that write in place \(([^)]+)\) refuse an S3 store", _section("Scale out"))
+    assert found
+    named = re.findall(r"`([a-z-]+)`", found.group(1))
+    argv = {"generate": ["x"], "worker": ["--once"], "index": ["rebuild"], "synth": ["--runs", "1"],
+            "depth": ["r1"], "probe": ["r1", "--words", "dog"], "jobs": []}  # fmt: skip
+    assert named and set(named) <= set(argv), named
+    for command in named:
+        assert main([command, *argv[command], "--store", "s3://bucket/x"]) == 2, command
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and "S3 store is written by stepx batch" in err[0], (command, err)
