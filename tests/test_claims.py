@@ -609,3 +609,26 @@ def test_in_place_writers_refuse_an_s3_store_in_one_line(capsys):
         assert main([command, *argv[command], "--store", "s3://bucket/x"]) == 2, command
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and "S3 store is written by stepx batch" in err[0], (command, err)
+
+
+def test_readme_scale_figures_are_the_recorded_bench():
+    """Scale out: the measured table is bench/results.json's `scale` entry, rounded as printed."""
+    sc = json.loads((ROOT / "bench" / "results.json").read_text())["scale"]
+    tp, lv, proj = sc["throughput"], sc["local_vs_s3"], sc["projection_100k"]
+    text = _section("Scale out")
+    expected = [
+        f"serial {tp['serial_runs_per_min']} · Ray with 2 workers {tp['ray_2_workers_runs_per_min']} "
+        f"(`ray.init` {tp['ray_init_s']} s more)",
+        f"local {lv['local']['point_read_p50_ms']} ms · S3 direct {lv['s3_direct']['point_read_p50_ms']} ms · "
+        f"S3 replica {lv['s3_replica']['point_read_p50_ms']} ms",
+        f"local {lv['local']['aggregate_p50_ms']} ms · S3 direct (Delta -> Arrow -> DuckDB) "
+        f"{lv['s3_direct']['aggregate_p50_ms']} ms · S3 replica {lv['s3_replica']['aggregate_p50_ms']} ms",
+        f"upload {lv['publish']['upload_s']:.0f} s ({lv['sizes']['run_objects']:,} objects, "
+        f"{lv['sizes']['run_bytes'] / 1e6:.0f} MB) · {lv['publish']['commits']} commits",
+        f"cold {lv['replica_cold_sync_s']} s · nothing new {lv['replica_warm_sync_ms'] / 1000:.1f} s",
+        f"{lv['sizes']['index_objects']} objects, {lv['sizes']['index_bytes'] / 1e6:.1f} MB",
+        f"{proj['run_objects']:,} run objects, {proj['run_gb']:.1f} GB; "
+        f"index {proj['index_mb_after_compaction'] / 1000:.1f} GB in {proj['index_objects_after_compaction']} objects",
+    ]
+    for figure in expected:
+        assert figure in text, f"README's scale table lacks the recorded {figure!r}"
