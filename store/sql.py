@@ -459,11 +459,11 @@ def run_query(
 ) -> Results:
     """Run one query in a fresh sandboxed process; QueryError (one line) for a refusal, failure or limit.
 
-    The process is forked from this one when nothing else runs here (one Python thread, as in the CLI),
+    The process is forked from this one when nothing else runs here (one thread, native ones included),
     else from the query server (the dashboard's threads); `via` ("fork" or "server") forces one, for tests.
     """
     limits = limits or Limits()
-    via = via or ("fork" if threading.active_count() == 1 else "server")
+    via = via or ("fork" if _one_thread() else "server")
     conn, pid = _fork_here() if via == "fork" else (_SERVER.open(), None)
     try:
         conn.send_bytes(pickle.dumps((sources, views, query, limits, precheck), protocol=pickle.HIGHEST_PROTOCOL))
@@ -492,6 +492,15 @@ def run_query(
         if pid is not None and os.waitpid(pid, os.WNOHANG) == (0, 0):  # our unreaped child: pid not reused
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def _one_thread() -> bool:
+    """Whether this process runs one thread, native ones included: forking beside DuckDB's or Arrow's thread
+    pools copies their locks mid-use, and the child can crash (seen: SIGSEGV before it was ready)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 def _fork_here() -> tuple[Connection, int]:
