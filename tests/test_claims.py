@@ -602,8 +602,15 @@ def test_in_place_writers_refuse_an_s3_store_in_one_line(capsys):
     found = re.search(r"Commands that write in place \(([^)]+)\) refuse an S3 store", _section("Scale out"))
     assert found
     named = re.findall(r"`([a-z-]+)`", found.group(1))
-    argv = {"generate": ["x"], "worker": ["--once"], "index": ["rebuild"], "synth": ["--runs", "1"],
-            "depth": ["r1"], "probe": ["r1", "--words", "dog"], "jobs": []}  # fmt: skip
+    argv = {
+        "generate": ["x"],
+        "worker": ["--once"],
+        "index": ["rebuild"],
+        "synth": ["--runs", "1"],
+        "depth": ["r1"],
+        "probe": ["r1", "--words", "dog"],
+        "jobs": [],
+    }
     assert named and set(named) <= set(argv), named
     for command in named:
         assert main([command, *argv[command], "--store", "s3://bucket/x"]) == 2, command
