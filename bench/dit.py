@@ -51,12 +51,20 @@ def dit_capture_overhead(name: str, pairs: int = 7, steps: int = 4, true_cfg: fl
     model = load_model(name, device="cpu")
     pipe = model.pipe
     prompt = "a red circle on the left and a blue square on the right"
-    cfg = GenerationConfig(prompt, negative_prompt="blurry", seed=0, steps=steps, width=px, height=px,
-                           true_cfg=true_cfg).resolved(model)  # fmt: skip
+    cfg = GenerationConfig(
+        prompt, negative_prompt="blurry", seed=0, steps=steps, width=px, height=px, true_cfg=true_cfg
+    ).resolved(model)
     flux = is_flux(pipe.transformer)
     _tokens, fold, _ = dit_tokens(pipe, prompt, model.spec.text_length)
-    plan = DitPlan(token_grid(pipe, px, px), fold.shape[0], fold, tuple(dit_bands(pipe.transformer)), flux,
-                   cfg_batched=not flux and cfg.guidance > 1, guidance=true_cfg if flux else cfg.guidance)  # fmt: skip
+    plan = DitPlan(
+        token_grid(pipe, px, px),
+        fold.shape[0],
+        fold,
+        tuple(dit_bands(pipe.transformer)),
+        flux,
+        cfg_batched=not flux and cfg.guidance > 1,
+        guidance=true_cfg if flux else cfg.guidance,
+    )
     plain, traced = [], []
     run_dit_pipeline(model, cfg)  # warm-up, both paths
     with dit_capture(pipe, DitRecorder(plan)):
@@ -122,8 +130,9 @@ def synth_dit_trace(family: str, steps: int, px: int = 1024, n_words: int = 12, 
             pos += 1
         word += n_words
         tokens.append(TokenInfo(pos, 1, "<end>", None, None, "end", True, encoder=enc))
-        tokens.append(TokenInfo(pos + 1, -1, f"<padding x{first + count - pos - 1}>", None, None, "padding", True,
-                                encoder=enc))  # fmt: skip
+        tokens.append(
+            TokenInfo(pos + 1, -1, f"<padding x{first + count - pos - 1}>", None, None, "padding", True, encoder=enc)
+        )
     tokens.append(TokenInfo(SHARE_TOKEN, -1, "<text share>", None, None, "text_share", True, encoder=None))
     centres = [tuple(rng.uniform(0.2, 0.8, 2)) for _ in tokens]
     keys = [(grid[0], grid[1], "band", b, i) for i, b in enumerate(bands)]
@@ -141,8 +150,11 @@ def synth_dit_trace(family: str, steps: int, px: int = 1024, n_words: int = 12, 
         n = step_grid[0] * step_grid[1]
         self_step = rng.random((n, n)).astype(np.float32) ** 8
         self_step /= self_step.sum(axis=1, keepdims=True)
-        records.append(StepRecord(s, 1000.0 * (1 - s / steps), cross, dict.fromkeys(keys, 8), self_step, 8,
-                                  dict.fromkeys(keys, 24), daam))  # fmt: skip
+        records.append(
+            StepRecord(
+                s, 1000.0 * (1 - s / steps), cross, dict.fromkeys(keys, 8), self_step, 8, dict.fromkeys(keys, 24), daam
+            )
+        )
     n = self_grid[0] * self_grid[1]
     agg = rng.random((n, n)).astype(np.float32) ** 8
     agg /= agg.sum(axis=1, keepdims=True)
@@ -150,14 +162,37 @@ def synth_dit_trace(family: str, steps: int, px: int = 1024, n_words: int = 12, 
     previews = [Image.fromarray(smooth) for _ in range(steps)]
     created = datetime(2026, 1, 1, tzinfo=UTC)
     run = run_row(
-        run_id=created.strftime("%Y%m%d-%H%M%S-") + f"{seed:06x}", created_at=created,
-        prompt=" ".join(f"w{w}" for w in range(n_words)), negative_prompt="", seed=seed, steps=steps, guidance=7.0,
-        scheduler="synthetic", size=(px, px), latent=grid, self_grid=self_grid, step_grid=step_grid, levels=keys,
-        level_modules=["synthetic"] * len(keys), architecture=family, model_name=f"synthetic-{family}",
-        model_id="synthetic", model_fingerprint="0" * 16, torch_version="", diffusers_version="",
-        stepx_version="synthetic", device="none", dtype="float32", prompt_truncated=False, denoise_ms=0.0,
-        preview_ms=0.0, total_ms=0.0, tags=["synthetic"], gallery=None, config_json="{}",
-    )  # fmt: skip
+        run_id=created.strftime("%Y%m%d-%H%M%S-") + f"{seed:06x}",
+        created_at=created,
+        prompt=" ".join(f"w{w}" for w in range(n_words)),
+        negative_prompt="",
+        seed=seed,
+        steps=steps,
+        guidance=7.0,
+        scheduler="synthetic",
+        size=(px, px),
+        latent=grid,
+        self_grid=self_grid,
+        step_grid=step_grid,
+        levels=keys,
+        level_modules=["synthetic"] * len(keys),
+        architecture=family,
+        model_name=f"synthetic-{family}",
+        model_id="synthetic",
+        model_fingerprint="0" * 16,
+        torch_version="",
+        diffusers_version="",
+        stepx_version="synthetic",
+        device="none",
+        dtype="float32",
+        prompt_truncated=False,
+        denoise_ms=0.0,
+        preview_ms=0.0,
+        total_ms=0.0,
+        tags=["synthetic"],
+        gallery=None,
+        config_json="{}",
+    )
     final = Image.fromarray(smooth).resize((px, px))
     return Trace(run, tokens, records, keys, agg, previews, final)
 

@@ -40,12 +40,27 @@ def check(layout: str, device: str, px: int, steps: int, pairs: int, true_cfg: f
     pipe = build_tiny_dit(layout, real_geometry=True).to(device)
     flux = is_flux(pipe.transformer)
     prompt = "a red circle on the left and a blue square on the right"
-    kwargs = {"prompt": prompt, "num_inference_steps": steps, "height": px, "width": px, "output_type": "pt",
-              "max_sequence_length": TEXT_LENGTH, "negative_prompt": "blurry"}  # fmt: skip
+    kwargs = {
+        "prompt": prompt,
+        "num_inference_steps": steps,
+        "height": px,
+        "width": px,
+        "output_type": "pt",
+        "max_sequence_length": TEXT_LENGTH,
+        "negative_prompt": "blurry",
+    }
     kwargs.update({"guidance_scale": 1.0, "true_cfg_scale": true_cfg} if flux else {"guidance_scale": 4.0})
     _tokens, fold, _ = dit_tokens(pipe, prompt, TEXT_LENGTH)
-    plan = DitPlan(token_grid(pipe, px, px), fold.shape[0], fold, tuple(dit_bands(pipe.transformer)), flux,
-                   cfg_batched=not flux, guidance=true_cfg if flux else 4.0, check_sums=True)  # fmt: skip
+    plan = DitPlan(
+        token_grid(pipe, px, px),
+        fold.shape[0],
+        fold,
+        tuple(dit_bands(pipe.transformer)),
+        flux,
+        cfg_batched=not flux,
+        guidance=true_cfg if flux else 4.0,
+        check_sums=True,
+    )
 
     def run(traced: bool) -> tuple[torch.Tensor, float, float]:
         if device == "cuda":
@@ -71,13 +86,21 @@ def check(layout: str, device: str, px: int, steps: int, pairs: int, true_cfg: f
             times[traced].append(run(traced)[1])
     ratio = statistics.median(times[True]) / statistics.median(times[False])
     return {
-        "layout": layout, "device": device, "px": px, "image_tokens": plan.grid[0] * plan.grid[1],
-        "text_positions": plan.text_len, "steps": steps, "true_cfg": true_cfg, "pairs": pairs,
+        "layout": layout,
+        "device": device,
+        "px": px,
+        "image_tokens": plan.grid[0] * plan.grid[1],
+        "text_positions": plan.text_len,
+        "steps": steps,
+        "true_cfg": true_cfg,
+        "pairs": pairs,
         "images_equal": bool(torch.equal(plain_img, traced_img)),
         "untraced_s_median": round(statistics.median(times[False]), 4),
-        "traced_s_median": round(statistics.median(times[True]), 4), "overhead_ratio": round(ratio, 3),
-        "peak_untraced_mb": round(plain_peak, 1), "peak_traced_mb": round(traced_peak, 1),
-    }  # fmt: skip
+        "traced_s_median": round(statistics.median(times[True]), 4),
+        "overhead_ratio": round(ratio, 3),
+        "peak_untraced_mb": round(plain_peak, 1),
+        "peak_traced_mb": round(traced_peak, 1),
+    }
 
 
 def main() -> None:

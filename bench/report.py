@@ -27,28 +27,41 @@ def write_readme(r: dict, path: Path) -> None:
         "|---|---|---|---|",
     ]
     for c in r["capture_overhead"]:
-        lines.append(_row(
-            f"capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, {c.get('threads', 1)} thread(s) "
-            f"(levels {', '.join(c['levels'])})",
-            f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
-            f"<= {c['target_ratio']:.2f}x", c["overhead_ratio"] <= c["target_ratio"],
-        ))  # fmt: skip
+        lines.append(
+            _row(
+                f"capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, "
+                f"{c.get('threads', 1)} thread(s) (levels {', '.join(c['levels'])})",
+                f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
+                f"<= {c['target_ratio']:.2f}x",
+                c["overhead_ratio"] <= c["target_ratio"],
+            )
+        )
         if "capture_extra_peak_mb" in c:
             lines.append(_row(f"peak extra memory of capture, {c['model']}", f"{c['capture_extra_peak_mb']:.1f} MB"))
     t = r["trace_bytes"]
-    lines.append(_row(f"trace bytes per run, {t['model']} ({t['steps']} steps, {t['size_px']} px)",
-                      f"{t['bytes'] / 1e6:.2f} MB"))  # fmt: skip
+    lines.append(
+        _row(f"trace bytes per run, {t['model']} ({t['steps']} steps, {t['size_px']} px)", f"{t['bytes'] / 1e6:.2f} MB")
+    )
     p = r["projected_sd15_trace"]
-    lines.append(_row("trace size, SD 1.5 geometry (512 px, 50 steps, 12 tokens)", f"{p['mb']:.2f} MB",
-                      f"<= {p['target_mb']} MB", p["mb"] <= p["target_mb"]))  # fmt: skip
+    lines.append(
+        _row(
+            "trace size, SD 1.5 geometry (512 px, 50 steps, 12 tokens)",
+            f"{p['mb']:.2f} MB",
+            f"<= {p['target_mb']} MB",
+            p["mb"] <= p["target_mb"],
+        )
+    )
     dit = r.get("dit", {})
     for c in dit.get("capture_overhead", []):
-        lines.append(_row(
-            f"DiT capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, true CFG {c['true_cfg']:g}, "
-            f"1 thread (bands {', '.join(c['bands'])})",
-            f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
-            f"<= {c['target_ratio']:.2f}x", c["overhead_ratio"] <= c["target_ratio"],
-        ))  # fmt: skip
+        lines.append(
+            _row(
+                f"DiT capture overhead, {c['model']} {c['size_px']} px, {c['steps']} steps, "
+                f"true CFG {c['true_cfg']:g}, 1 thread (bands {', '.join(c['bands'])})",
+                f"{c['overhead_ratio']:.3f}x ({c['untraced_s_median']:.2f} s -> {c['traced_s_median']:.2f} s)",
+                f"<= {c['target_ratio']:.2f}x",
+                c["overhead_ratio"] <= c["target_ratio"],
+            )
+        )
     for key, what in (
         ("projected_sd3_1024_28_steps", "trace size, SD3 geometry (1024 px, 28 steps)"),
         ("projected_flux_schnell_1024_4_steps", "trace size, FLUX.1-schnell geometry (1024 px, 4 steps)"),
@@ -57,34 +70,65 @@ def write_readme(r: dict, path: Path) -> None:
             p = dit[key]
             lines.append(_row(what, f"{p['mb']:.2f} MB", f"<= {p['target_mb']} MB", p["mb"] <= p["target_mb"]))
     for lk in r["word_map_lookup"]:
-        lines.append(_row(f"word-map lookup, {lk['runs']:,} runs (p50 / p95)",
-                          f"{lk['p50_ms']} / {lk['p95_ms']} ms",
-                          f"p50 <= {lk['target_p50_ms']} ms", lk["p50_ms"] <= lk["target_p50_ms"]))  # fmt: skip
+        lines.append(
+            _row(
+                f"word-map lookup, {lk['runs']:,} runs (p50 / p95)",
+                f"{lk['p50_ms']} / {lk['p95_ms']} ms",
+                f"p50 <= {lk['target_p50_ms']} ms",
+                lk["p50_ms"] <= lk["target_p50_ms"],
+            )
+        )
     for q in r["sql_aggregate"]:
         what = f"SQL aggregate over word_step_stats, {q['runs']:,} runs ({q['word_step_stats_rows']:,} rows)"
-        lines.append(_row(what,
-                          f"{q['warm_p50_ms']} ms (first query {q['cold_ms']} ms)", f"<= {q['target_ms']} ms",
-                          q["warm_p50_ms"] <= q["target_ms"]))  # fmt: skip
+        lines.append(
+            _row(
+                what,
+                f"{q['warm_p50_ms']} ms (first query {q['cold_ms']} ms)",
+                f"<= {q['target_ms']} ms",
+                q["warm_p50_ms"] <= q["target_ms"],
+            )
+        )
     if "index_rebuild" in r:
         ir = r["index_rebuild"]
         lines.append(_row(f"index rebuild, {ir['runs']:,} runs", f"{ir['rebuild_s']} s"))
         lines.append(_row(f"store size, {ir['runs']:,} synthetic runs", f"{ir['store_gb']} GB"))
     d = r["dashboard"]
-    lines.append(_row("step slider rerun (server side, p50 / p95)",
-                      f"{d['slider_rerun_p50_ms']} / {d['slider_rerun_p95_ms']} ms",
-                      f"<= {d['target_slider_ms']} ms", d["slider_rerun_p50_ms"] <= d["target_slider_ms"]))  # fmt: skip
+    lines.append(
+        _row(
+            "step slider rerun (server side, p50 / p95)",
+            f"{d['slider_rerun_p50_ms']} / {d['slider_rerun_p95_ms']} ms",
+            f"<= {d['target_slider_ms']} ms",
+            d["slider_rerun_p50_ms"] <= d["target_slider_ms"],
+        )
+    )
     if "region_rerun_p50_ms" in d:
-        lines.append(_row("region tool rerun (server side, p50 / p95)",
-                          f"{d['region_rerun_p50_ms']} / {d['region_rerun_p95_ms']} ms"))  # fmt: skip
+        lines.append(
+            _row(
+                "region tool rerun (server side, p50 / p95)",
+                f"{d['region_rerun_p50_ms']} / {d['region_rerun_p95_ms']} ms",
+            )
+        )
     lines.append(
         _row(f"Export All, {d['run_steps']}-step run", f"{d['export_all_s']} s ({d['export_all_bytes'] / 1e6:.1f} MB)")
     )
     g = r["regions"]
     cold, diffuse = g["region_query_cold_p50_ms"], g["diffuse_20_iter_1024_p50_ms"]
-    lines.append(_row("region query (read + rows mean, cold)", f"{cold} ms", f"<= {g['target_region_ms']} ms",
-                      cold <= g["target_region_ms"]))  # fmt: skip
-    lines.append(_row("diffused heatmap, 20 iterations, 1024x1024", f"{diffuse} ms", f"<= {g['target_diffuse_ms']} ms",
-                      diffuse <= g["target_diffuse_ms"]))  # fmt: skip
+    lines.append(
+        _row(
+            "region query (read + rows mean, cold)",
+            f"{cold} ms",
+            f"<= {g['target_region_ms']} ms",
+            cold <= g["target_region_ms"],
+        )
+    )
+    lines.append(
+        _row(
+            "diffused heatmap, 20 iterations, 1024x1024",
+            f"{diffuse} ms",
+            f"<= {g['target_diffuse_ms']} ms",
+            diffuse <= g["target_diffuse_ms"],
+        )
+    )
     if "queue" in r:
         lines.append(
             _row("queue: submit to first step (worker waiting)", f"{r['queue']['submit_to_first_step_p50_s']} s")

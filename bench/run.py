@@ -38,8 +38,14 @@ def _capture_plan(model: object, px: int, steps: int, guidance: float) -> tuple[
     from pipeline.generate import GenerationConfig, prompt_tokens
 
     pipe = model.pipe
-    cfg = GenerationConfig("a red circle on the left and a blue square on the right", seed=0, steps=steps,
-                           guidance=guidance, width=px, height=px).resolved(model)  # fmt: skip
+    cfg = GenerationConfig(
+        "a red circle on the left and a blue square on the right",
+        seed=0,
+        steps=steps,
+        guidance=guidance,
+        width=px,
+        height=px,
+    ).resolved(model)
     tokens, _ = prompt_tokens(pipe.tokenizer, cfg.prompt)
     latent = (cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
     self_grid, step_grid, levels = plan_grids(pipe.unet, latent)
@@ -438,8 +444,14 @@ def sql_aggregate(n_runs: int, repeats: int = 5) -> dict:
         store.sql(SQL_AGGREGATE)
         warm.append((time.perf_counter() - t0) * 1000)
     rows = store.sql("SELECT count(*) FROM word_step_stats").rows[0][0]
-    return {"runs": n_runs, "word_step_stats_rows": rows, "groups": len(first.rows), "cold_ms": round(cold, 1),
-            "warm_p50_ms": round(_pct(warm, 50), 1), "target_ms": 500}  # fmt: skip
+    return {
+        "runs": n_runs,
+        "word_step_stats_rows": rows,
+        "groups": len(first.rows),
+        "cold_ms": round(cold, 1),
+        "warm_p50_ms": round(_pct(warm, 50), 1),
+        "target_ms": 500,
+    }
 
 
 def queue_latency(jobs_n: int = 3) -> dict:
@@ -453,11 +465,22 @@ def queue_latency(jobs_n: int = 3) -> dict:
     store = TMP / "queue"
     shutil.rmtree(store, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.2"],
-                              cwd=HERE.parent, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.2"],
+        cwd=HERE.parent,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        request = {"prompt": "a red circle", "model": "tiny-random", "seed": 0, "steps": 3, "guidance": 3.0,
-                   "width": 64, "height": 64}  # fmt: skip
+        request = {
+            "prompt": "a red circle",
+            "model": "tiny-random",
+            "seed": 0,
+            "steps": 3,
+            "guidance": 3.0,
+            "width": 64,
+            "height": 64,
+        }
         warm = queue.submit(store, request)  # loads the model
         while (j := queue.get(store, warm)).status not in ("done", "failed"):
             time.sleep(0.05)
@@ -485,8 +508,12 @@ def index_rebuild(n_runs: int) -> dict:
     store_dir = TMP / f"synth-{n_runs}"
     report = rebuild_index(store_dir)
     size = subprocess.run(["du", "-sb", str(store_dir)], capture_output=True, text=True).stdout.split()[0]
-    return {"runs": report.runs, "rebuild_s": round(report.seconds, 2), "store_bytes": int(size),
-            "store_gb": round(int(size) / 1e9, 2)}  # fmt: skip
+    return {
+        "runs": report.runs,
+        "rebuild_s": round(report.seconds, 2),
+        "store_bytes": int(size),
+        "store_gb": round(int(size) / 1e9, 2),
+    }
 
 
 def region_page_timings(store_dir: Path, run_id: str, moves: int = 10) -> dict:

@@ -28,8 +28,12 @@ def _moto() -> tuple[object, dict]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+    }
     os.environ.update(env)
     return server, env
 
@@ -101,8 +105,9 @@ def local_vs_s3(n_runs: int = 1000) -> dict:
     store = Store(local)
     run_ids = [r["run_id"] for r in store.runs()]
     out: dict = {"runs": n_runs}
-    out["local"] = _point_and_aggregate(lambda r: store.word_map(r, GLOBAL, step=5), lambda: store.sql(SQL_AGGREGATE),
-                                        run_ids)  # fmt: skip
+    out["local"] = _point_and_aggregate(
+        lambda r: store.word_map(r, GLOBAL, step=5), lambda: store.sql(SQL_AGGREGATE), run_ids
+    )
     server, _ = _moto()
     cache = Path(tempfile.mkdtemp(prefix="stepx-cache-"))
     os.environ["STEPX_CACHE"] = str(cache)
@@ -159,8 +164,14 @@ def _sizes(local: Path, loc: object, n_runs: int) -> dict:
     runs = [i for i in infos if "/runs/" in i.path]
     index = [i for i in infos if "/index/" in i.path]
     run_bytes, index_bytes = sum(i.size for i in runs), sum(i.size for i in index)
-    return {"objects": len(infos), "run_objects": len(runs), "run_bytes": run_bytes, "index_objects": len(index),
-            "index_bytes": index_bytes, "runs": n_runs}  # fmt: skip
+    return {
+        "objects": len(infos),
+        "run_objects": len(runs),
+        "run_bytes": run_bytes,
+        "index_objects": len(index),
+        "index_bytes": index_bytes,
+        "runs": n_runs,
+    }
 
 
 def projection(measured: dict, target: int = 100_000) -> dict:

@@ -80,10 +80,15 @@ def _values_csv(run_id: str, token_ids: list[int], words: list[str], maps: np.nd
     lines = [
         f"{run_id},{a},{b},{c},{d},{e},{f}"
         for a, b, c, d, e, f in zip(
-            (s.ravel() + 1).tolist(), toks.tolist(), words_col.tolist(), y.ravel().tolist(), x.ravel().tolist(),
-            values.tolist(), strict=True,
+            (s.ravel() + 1).tolist(),
+            toks.tolist(),
+            words_col.tolist(),
+            y.ravel().tolist(),
+            x.ravel().tolist(),
+            values.tolist(),
+            strict=True,
         )
-    ]  # fmt: skip
+    ]
     buf.write("\r\n".join(lines) + "\r\n")
     return buf.getvalue()
 
@@ -140,8 +145,9 @@ def export_all(
         if depth is not None:
             dmap, dinfo = depth
             dscale = Scale(0.0, float(dmap.max() - dmap.min()))
-            dimg = with_colorbar(overlay(final, dmap - dmap.min(), 1.0, "viridis", size=size, scale=dscale),
-                                 "viridis", dscale, "depth")  # fmt: skip
+            dimg = with_colorbar(
+                overlay(final, dmap - dmap.min(), 1.0, "viridis", size=size, scale=dscale), "viridis", dscale, "depth"
+            )
             zf.writestr("depth/depth.png", png_bytes(dimg), STORED)
             np_buf = io.BytesIO()
             np.save(np_buf, dmap.astype(np.float32))
@@ -151,7 +157,7 @@ def export_all(
             "README.txt",
             README.format(
                 run_id=run_id, steps=steps, w=size[0], h=size[1], gh=h, gw=w, cmap=cmap, alpha=alpha, units=UNITS
-            ),  # fmt: skip
+            ),
         )
     return buf.getvalue()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.state import generators, select_run, store_path
-from dashboard.widgets import plain
+from dashboard.text import plain
 from jobs import queue
 from schema import limits
 
@@ -129,8 +129,13 @@ def cancel(store: Path, job_id: int) -> None:
 
 def cancel_button(store: Path, job: queue.Job) -> None:
     """Cancel a queued or running job (a running one stops at its worker's next step)."""
-    st.button("Cancel", key=f"cancel_{job.job_id}", on_click=cancel, args=(store, job.job_id),
-              help="Stop this job; a running one stops at its next step")  # fmt: skip
+    st.button(
+        "Cancel",
+        key=f"cancel_{job.job_id}",
+        on_click=cancel,
+        args=(store, job.job_id),
+        help="Stop this job; a running one stops at its next step",
+    )
 
 
 def job_line(job: queue.Job) -> str:
@@ -161,8 +166,9 @@ def job_status() -> None:
     jobs = [j for j in (queue.get(store, i) for i in mine[-5:]) if j is not None]
     waiting = [j for j in jobs if j.status == "queued" or j.status in queue.ACTIVE]
     if waiting and not worker_alive(store, jobs):
-        st.warning("No worker is running, so jobs wait in the queue: start one with `stepx worker` "
-                   "(`make demo` starts one).")  # fmt: skip
+        st.warning(
+            "No worker is running, so jobs wait in the queue: start one with `stepx worker` (`make demo` starts one)."
+        )
     if "cancel_error" in st.session_state:
         st.text(st.session_state.pop("cancel_error"))
     for job in reversed(jobs):

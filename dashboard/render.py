@@ -224,8 +224,17 @@ def gif_bytes(frames: list[Image.Image], frame_ms: int = 200) -> bytes:
         mosaic.paste(f.resize(sample[0].size), (0, i * sample[0].height))
     palette = mosaic.quantize(256, method=Image.Quantize.FASTOCTREE)
     indices = np.stack([np.asarray(f.quantize(palette=palette, dither=Image.Dither.NONE)) for f in rgb])
-    return iio.imwrite("<bytes>", indices, extension=".gif", mode="L", is_batch=True, duration=frame_ms, loop=0,
-                       palette=bytes(palette.getpalette()[:768]), optimize=False)  # fmt: skip
+    return iio.imwrite(
+        "<bytes>",
+        indices,
+        extension=".gif",
+        mode="L",
+        is_batch=True,
+        duration=frame_ms,
+        loop=0,
+        palette=bytes(palette.getpalette()[:768]),
+        optimize=False,
+    )
 
 
 def png_bytes(img: Image.Image, compress_level: int = 6) -> bytes:

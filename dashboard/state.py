@@ -94,8 +94,11 @@ class ModelList:
         try:
             out = subprocess.run(
                 [sys.executable, "-m", "stepx.cli", "models", "--format", "json"],
-                cwd=ROOT, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if out.returncode != 0:
                 log.warning("`stepx models` failed (exit %s): %s", out.returncode, out.stderr.strip()[-2000:])
                 entries: list[dict] = []
@@ -144,7 +147,7 @@ def depth_models() -> list[dict]:
 
 def guarded(body: Callable[[], None]) -> None:
     """Run a page body; store problems and surprises become one message, never a traceback."""
-    from dashboard.widgets import plain  # messages quote stored text (words, paths): shown as text, never markup
+    from dashboard.text import plain  # messages quote stored text (words, paths): shown as text, never markup
 
     try:
         body()

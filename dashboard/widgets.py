@@ -4,28 +4,11 @@ parameters) is shown with `st.text`/`st.code` or escaped, never as markdown: a s
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import streamlit as st
 
 from dashboard.render import COLORMAPS, NORMALISATIONS, Scale, scale_for
 from dashboard.state import select_run
-
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&=/])")
-
-
-def escape_markdown(text: str) -> str:
-    """Text that renders literally inside a markdown string: every markup character backslash-escaped.
-
-    ':' and '/' are escaped too, which breaks GitHub-style autolinks of bare URLs.
-    """
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
-
-
-def plain(text: str) -> str:
-    """A one-line label safe for widgets whose labels render markdown (radio options, captions)."""
-    return escape_markdown(" ".join(str(text).split()))
 
 
 def prompt_text(prompt: str) -> None:
@@ -69,8 +52,9 @@ def look(key: str, alpha: float = 0.6) -> tuple[float, str]:
 def normalisation(key: str, with_across: bool = True) -> dict:
     """The colour-scale choice: mode plus its range or percentile (arguments for `scale_for`)."""
     modes = [m for m in NORMALISATIONS if with_across or m != "one scale across steps"]
-    mode = st.selectbox("Colour scale", modes, key=f"{key}_norm", help="\n\n".join(
-        f"**{m}**: {NORMALISATIONS[m]}" for m in modes))  # fmt: skip
+    mode = st.selectbox(
+        "Colour scale", modes, key=f"{key}_norm", help="\n\n".join(f"**{m}**: {NORMALISATIONS[m]}" for m in modes)
+    )
     out: dict = {"mode": mode}
     if mode == "fixed range":
         a, b = st.columns(2)

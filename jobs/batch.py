@@ -176,8 +176,14 @@ def run_local(
                 result = {**run_item(model, item, target), "attempts": attempt + 1}
                 break
             except Exception as exc:  # noqa: BLE001 - reported per item; the batch goes on
-                result = {"prompt": item.prompt, "seed": item.seed, "run_id": None, "status": "failed",
-                          "error": f"{type(exc).__name__}: {exc}"[:300], "attempts": attempt + 1}  # fmt: skip
+                result = {
+                    "prompt": item.prompt,
+                    "seed": item.seed,
+                    "run_id": None,
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                    "attempts": attempt + 1,
+                }
         results.append(result)
         if on_result:
             on_result(result)
@@ -188,5 +194,10 @@ def summary(results: list[dict], elapsed_s: float) -> dict:
     """Counts of a finished batch, with the failed items listed."""
     by = {s: sum(r["status"] == s for r in results) for s in ("generated", "present", "failed")}
     failed = [{k: r[k] for k in ("prompt", "seed", "error")} for r in results if r["status"] == "failed"]
-    return {"items": len(results), **by, "retried": sum(r.get("attempts", 1) > 1 for r in results),
-            "elapsed_s": round(elapsed_s, 2), "failures": failed}  # fmt: skip
+    return {
+        "items": len(results),
+        **by,
+        "retried": sum(r.get("attempts", 1) > 1 for r in results),
+        "elapsed_s": round(elapsed_s, 2),
+        "failures": failed,
+    }

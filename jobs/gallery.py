@@ -78,9 +78,19 @@ class Progress:
 
     def __init__(self, root: Path, gallery: str, model: str, total: int, already: int) -> None:
         self.path = gallery_progress_path(root)
-        self.state = {"gallery": gallery, "model": model, "total": total, "done": already, "generated": 0,
-                      "current": None, "started_at": time.time(), "updated_at": time.time(), "finished_at": None,
-                      "error": None, "pid": os.getpid()}  # fmt: skip
+        self.state = {
+            "gallery": gallery,
+            "model": model,
+            "total": total,
+            "done": already,
+            "generated": 0,
+            "current": None,
+            "started_at": time.time(),
+            "updated_at": time.time(),
+            "finished_at": None,
+            "error": None,
+            "pid": os.getpid(),
+        }
 
     def write(self, **changes: object) -> None:
         self.state.update(changes, updated_at=time.time())

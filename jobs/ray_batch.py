@@ -140,9 +140,14 @@ def run_ray(
 
 
 def _failed(item: BatchItem, exc: BaseException, attempts: int) -> dict:
-    return {"prompt": item.prompt, "seed": item.seed, "run_id": None, "status": "failed",
-            "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300],
-            "attempts": attempts}  # fmt: skip
+    return {
+        "prompt": item.prompt,
+        "seed": item.seed,
+        "run_id": None,
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300],
+        "attempts": attempts,
+    }
 
 
 def _alive(actor: object) -> bool:

@@ -10,6 +10,7 @@ machine, or a shared file system); `local` starts a local cluster on 127.0.0.1.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs import queue
@@ -25,21 +26,20 @@ def ray_address() -> str | None:
 class JobActor:
     """Holds the models of the jobs it ran (one at a time, like the local worker) and runs queue jobs."""
 
-    def __init__(self, device: str | None) -> None:
+    def __init__(self, device: str | None, runner: Callable) -> None:
         self.models: dict = {}
         self.device = device
+        self.runner = runner  # the worker's own run_job, passed in so this module never imports the worker
 
     def run(self, store: str, job: queue.Job) -> int:
-        from jobs.worker import run_job
-
-        run_job(Path(store), job, self.models, self.device)
+        self.runner(Path(store), job, self.models, self.device)
         return os.getpid()
 
 
 _ACTOR: list = []
 
 
-def run_job_on_ray(store: Path, job: queue.Job, models: dict, device: str | None) -> None:
+def run_job_on_ray(store: Path, job: queue.Job, models: dict, device: str | None, runner: Callable) -> None:
     """Run one claimed job on the cluster's job actor (started on first use) and wait for it to end."""
     import ray
 
@@ -49,9 +49,8 @@ def run_job_on_ray(store: Path, job: queue.Job, models: dict, device: str | None
     connect(None if address == "local" else address)
     if not _ACTOR:
         resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
-        _ACTOR.append(
-            ray.remote(max_restarts=1, **resources)(JobActor).remote(device if resources.get("num_gpus") else None)
-        )
+        actor_device = device if resources.get("num_gpus") else None
+        _ACTOR.append(ray.remote(max_restarts=1, **resources)(JobActor).remote(actor_device, runner))
     try:
         ray.get(_ACTOR[0].run.remote(str(store), job))
     except ray.exceptions.RayError as exc:  # the actor died: the job fails with the reason, the worker goes on

@@ -81,10 +81,15 @@ def run_job(store: Path, job: queue.Job, models: dict, device: str | None) -> No
             models[name] = load_model(name, device=device)
         model = models[name]
         config = GenerationConfig(
-            prompt=req["prompt"], negative_prompt=req.get("negative", ""), seed=int(req.get("seed", 0)),
-            steps=req.get("steps"), guidance=req.get("guidance"), width=req.get("width"), height=req.get("height"),
+            prompt=req["prompt"],
+            negative_prompt=req.get("negative", ""),
+            seed=int(req.get("seed", 0)),
+            steps=req.get("steps"),
+            guidance=req.get("guidance"),
+            width=req.get("width"),
+            height=req.get("height"),
             tags=list(req.get("tags", [])),
-        )  # fmt: skip
+        )
 
         def on_step(step: int, total: int) -> None:
             if not queue.progress(store, job, step, total):
@@ -197,7 +202,7 @@ def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | No
                 if os.environ.get("STEPX_RAY_ADDRESS"):  # on a Ray cluster (jobs.ray_jobs), same queue semantics
                     from jobs.ray_jobs import run_job_on_ray
 
-                    run_job_on_ray(store, job, models, device)
+                    run_job_on_ray(store, job, models, device, runner=run_job)
                 else:
                     run_job(store, job, models, device)
             finally:

@@ -112,7 +112,7 @@ def compute_probes(
                     step_grid,
                     cfg_batch,
                     cfg.guidance,
-                )  # fmt: skip
+                )
             )
             for toks in tokens
         ]

@@ -126,11 +126,16 @@ def _concept_table(trace: Trace) -> pa.Table:
     for rec, maps in zip(trace.steps, trace.concept_maps, strict=True):
         for i, name in enumerate(trace.concepts):
             for col, value in (
-                ("run_id", trace.run["run_id"]), ("concept_index", i), ("concept", name),
-                ("step_index", rec.step_index), ("timestep", rec.timestep), ("block_count", trace.concept_blocks),
-                ("map_height", maps.shape[1]), ("map_width", maps.shape[2]),
+                ("run_id", trace.run["run_id"]),
+                ("concept_index", i),
+                ("concept", name),
+                ("step_index", rec.step_index),
+                ("timestep", rec.timestep),
+                ("block_count", trace.concept_blocks),
+                ("map_height", maps.shape[1]),
+                ("map_width", maps.shape[2]),
                 ("map", maps[i].reshape(-1).astype(np.float32)),
-            ):  # fmt: skip
+            ):
                 cols[col].append(value)
     return _table("concept_maps", cols)
 

@@ -27,9 +27,13 @@ def add_batch_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     """--ray [ADDRESS] and --workers, shared by `batch` and `gallery build`."""
     p.add_argument(
-        "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
         help="run on a Ray cluster (ADDRESS such as ray://head:10001 or auto; none: a local cluster)",
-    )  # fmt: skip
+    )
     p.add_argument("--workers", type=count(1024), help="model-holding actors (default: one per GPU, else per CPU)")
 
 

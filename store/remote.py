@@ -96,8 +96,15 @@ def sync(loc: S3Location, max_age_s: float = 0.0) -> Path:
                 list(pool.map(lambda r: _download(fs, loc, r, runs_dir(root)), missing))
             generation = int(state.get("generation", 0)) + 1
             segments = {t: [_segment(index, t, tables[t], generation)] for t in INDEX_TABLES}
-            manifest = {"format": MANIFEST_FORMAT, "schema_version": SCHEMA_VERSION, "generation": generation,
-                        "run_ids": run_ids, "segments": segments, "bad_runs": {}, "retired": []}  # fmt: skip
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "generation": generation,
+                "run_ids": run_ids,
+                "segments": segments,
+                "bad_runs": {},
+                "retired": [],
+            }
             tmp = index / f".{MANIFEST}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(manifest))
             os.replace(tmp, index / MANIFEST)
@@ -105,8 +112,13 @@ def sync(loc: S3Location, max_age_s: float = 0.0) -> Path:
             for p in index.glob("*-*-*.parquet"):
                 if p.name not in keep:  # two generations kept: a reader may still hold the previous manifest
                     p.unlink(missing_ok=True)
-            state = {"url": loc.url, "versions": versions, "generation": generation, "synced_at": time.time(),
-                     "segments": sorted(s["file"] for segs in segments.values() for s in segs)}  # fmt: skip
+            state = {
+                "url": loc.url,
+                "versions": versions,
+                "generation": generation,
+                "synced_at": time.time(),
+                "segments": sorted(s["file"] for segs in segments.values() for s in segs),
+            }
         tmp = root / f".{STATE}.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_path)

@@ -55,10 +55,26 @@ def dashboard(store: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "STEPX_STORE": str(store), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "dashboard" / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -105,8 +121,13 @@ def screenshot(page: object, name: str) -> None:
 def worker(store: Path, limit_s: float = 300.0) -> Iterator[subprocess.Popen]:
     """`stepx worker` on a store beside the dashboard, stopped on exit (and killed after `limit_s` at most)."""
     env = {**os.environ, "STEPX_STORE": str(store), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.3"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stepx.cli", "worker", "--store", str(store), "--poll", "0.3"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     started = time.time()
     try:
         yield proc

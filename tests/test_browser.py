@@ -96,8 +96,15 @@ def test_prompts_and_url_parameters_never_become_links_or_images(hostile_store):
         page.on("request", lambda r: fetched.append(r.url))
         page.goto(url)
         page.get_by_text(HOSTILE_PROMPT).first.wait_for()
-        visits = [f"inspect?run={hostile}", "inspect?run=[text](http://x)", f"regions?run={hostile}",
-                  "regions?run=[text](http://x)", f"detect?run={hostile}", "compare", "sql"]  # fmt: skip
+        visits = [
+            f"inspect?run={hostile}",
+            "inspect?run=[text](http://x)",
+            f"regions?run={hostile}",
+            "regions?run=[text](http://x)",
+            f"detect?run={hostile}",
+            "compare",
+            "sql",
+        ]
         for path in visits:
             page.goto(f"{url}/{path}")
             page.locator('[data-testid="stAppViewContainer"] h1').first.wait_for()

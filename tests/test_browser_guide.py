@@ -32,8 +32,9 @@ def shapes_store(tmp_path_factory) -> tuple[Path, list[str]]:
 
     root = tmp_path_factory.mktemp("guide")
     model = load_model("shapes", device="cpu")
-    ids = [write_trace(root, generate_trace(model, GenerationConfig(p, seed=s, tags=["guide"]))).run_id
-           for p, s in PROMPTS]  # fmt: skip
+    ids = [
+        write_trace(root, generate_trace(model, GenerationConfig(p, seed=s, tags=["guide"]))).run_id for p, s in PROMPTS
+    ]
     return root, ids
 
 
@@ -47,8 +48,11 @@ def test_every_page_has_an_annotated_screenshot(shapes_store):
 
         page.goto(url)
         page.get_by_text(PROMPTS[0][0]).first.wait_for()
-        marks["Gallery"] = [page.get_by_label("Search prompts"), page.locator('[data-testid="stImage"]').first,
-                            page.get_by_role("button", name="Inspect").first]  # fmt: skip
+        marks["Gallery"] = [
+            page.get_by_label("Search prompts"),
+            page.locator('[data-testid="stImage"]').first,
+            page.get_by_role("button", name="Inspect").first,
+        ]
         shots["Gallery"] = annotated_screenshot(page, SCREENSHOTS / PAGES["Gallery"][0], marks["Gallery"])
 
         page.goto(f"{url}/inspect?run={ids[0]}")
@@ -72,17 +76,21 @@ def test_every_page_has_an_annotated_screenshot(shapes_store):
         frame.locator("img").click(position={"x": 90, "y": 190})
         page.get_by_text("Pixel heatmap · 1 cells").first.wait_for()
         page.wait_for_timeout(1000)
-        marks["Regions"] = [page.locator('[data-testid="stRadio"]', has_text="Tool"),
-                            page.locator('iframe[title*="streamlit_image_coordinates"]'),
-                            page.locator('[data-testid="stImage"]').last]  # fmt: skip
+        marks["Regions"] = [
+            page.locator('[data-testid="stRadio"]', has_text="Tool"),
+            page.locator('iframe[title*="streamlit_image_coordinates"]'),
+            page.locator('[data-testid="stImage"]').last,
+        ]
         shots["Regions"] = annotated_screenshot(page, SCREENSHOTS / PAGES["Regions"][0], marks["Regions"])
 
         page.goto(f"{url}/detect?run={ids[0]}")
         page.get_by_text("TITAN annotations").wait_for()
         page.locator('[data-testid="stImageCaption"]').first.wait_for()
-        marks["Detect & Annotate"] = [page.locator('[data-testid="stSelectbox"]', has_text="Word"),
-                                      page.locator('[data-testid="stImage"]').first,
-                                      page.get_by_text("TITAN annotations")]  # fmt: skip
+        marks["Detect & Annotate"] = [
+            page.locator('[data-testid="stSelectbox"]', has_text="Word"),
+            page.locator('[data-testid="stImage"]').first,
+            page.get_by_text("TITAN annotations"),
+        ]
         shots["Detect & Annotate"] = annotated_screenshot(
             page, SCREENSHOTS / PAGES["Detect & Annotate"][0], marks["Detect & Annotate"]
         )
@@ -90,17 +98,21 @@ def test_every_page_has_an_annotated_screenshot(shapes_store):
         page.goto(f"{url}/compare?run={ids[0]}")
         page.get_by_text("One colour scale for all runs").wait_for()
         page.locator('[data-testid="stImage"]').first.wait_for()
-        marks["Compare"] = [page.locator('[data-testid="stMultiSelect"]', has_text="Runs"),
-                            page.locator('[data-testid="stImage"]').first,
-                            page.locator('[data-testid="stTabs"]').first]  # fmt: skip
+        marks["Compare"] = [
+            page.locator('[data-testid="stMultiSelect"]', has_text="Runs"),
+            page.locator('[data-testid="stImage"]').first,
+            page.locator('[data-testid="stTabs"]').first,
+        ]
         shots["Compare"] = annotated_screenshot(page, SCREENSHOTS / PAGES["Compare"][0], marks["Compare"])
 
         page.goto(f"{url}/sql")
         page.get_by_role("button", name="Run", exact=True).click()
         page.locator('[data-testid="stDataFrame"] >> visible=true').first.wait_for()
-        marks["SQL console"] = [page.get_by_role("button").filter(has_text="Newest runs").first,
-                                page.get_by_label("Query"),
-                                page.locator('[data-testid="stDataFrame"] >> visible=true').first]  # fmt: skip
+        marks["SQL console"] = [
+            page.get_by_role("button").filter(has_text="Newest runs").first,
+            page.get_by_label("Query"),
+            page.locator('[data-testid="stDataFrame"] >> visible=true').first,
+        ]
         shots["SQL console"] = annotated_screenshot(page, SCREENSHOTS / PAGES["SQL console"][0], marks["SQL console"])
 
         page.goto(f"{url}/guide")

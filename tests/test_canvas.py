@@ -27,8 +27,13 @@ def test_last_object_and_paths():
     assert path_to_points(obj, (96, 96), (64, 64)) == [(0.0, 0.0), (64.0, 0.0), (0.0, 64.0)]
     closed = {"type": "path", "path": [["M", 0, 0], ["L", 10, 0], ["L", 10, 10], ["L", 0, 0]]}
     assert path_to_points(closed, (10, 10), (10, 10)) == [(0, 0), (10, 0), (10, 10)]
-    poly = {"type": "Polygon", "left": 10, "top": 10, "pathOffset": {"x": 5, "y": 5},
-            "points": [{"x": 0, "y": 0}, {"x": 10, "y": 0}, {"x": 0, "y": 10}]}  # fmt: skip
+    poly = {
+        "type": "Polygon",
+        "left": 10,
+        "top": 10,
+        "pathOffset": {"x": 5, "y": 5},
+        "points": [{"x": 0, "y": 0}, {"x": 10, "y": 0}, {"x": 0, "y": 10}],
+    }
     assert path_to_points(poly, (20, 20), (20, 20)) == [(5, 5), (15, 5), (5, 15)]
     assert last_object({}, ("rect",)) is None
 
@@ -37,9 +42,18 @@ def test_fabric_polygon_as_drawn_and_as_moved():
     """Fabric 6 keeps a polygon's points as drawn and places it by its box (left/top = corner minus half
     the stroke, pathOffset = points' box centre): the corners come back where they were clicked."""
     clicked = [(30, 30), (200, 40), (120, 200)]
-    drawn = {"type": "Polygon", "left": 29, "top": 29, "width": 170, "height": 170, "strokeWidth": 2,
-             "scaleX": 1, "scaleY": 1, "pathOffset": {"x": 115, "y": 115},
-             "points": [{"x": x, "y": y} for x, y in clicked]}  # fmt: skip
+    drawn = {
+        "type": "Polygon",
+        "left": 29,
+        "top": 29,
+        "width": 170,
+        "height": 170,
+        "strokeWidth": 2,
+        "scaleX": 1,
+        "scaleY": 1,
+        "pathOffset": {"x": 115, "y": 115},
+        "points": [{"x": x, "y": y} for x, y in clicked],
+    }
     assert np.allclose(path_to_points(drawn, (384, 384), (384, 384)), clicked)
     on_image = path_to_points(drawn, (384, 384), (64, 64))
     assert np.allclose(on_image, [(5, 5), (200 / 6, 40 / 6), (20, 200 / 6)])

@@ -253,9 +253,22 @@ def test_gallery_shows_build_progress(traced_store, tmp_path, monkeypatch):
     path = gallery_progress_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    path.write_text(json.dumps({"gallery": "curated", "model": "shapes", "total": 30, "done": 2, "generated": 2,
-                                "current": "a red circle", "started_at": now, "updated_at": now,
-                                "finished_at": None, "error": None}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "gallery": "curated",
+                "model": "shapes",
+                "total": 30,
+                "done": 2,
+                "generated": 2,
+                "current": "a red circle",
+                "started_at": now,
+                "updated_at": now,
+                "finished_at": None,
+                "error": None,
+            }
+        )
+    )
     at = page(monkeypatch, root)
     bar = at.get("progress")[0].proto
     assert "2 of 30 runs" in bar.text and bar.value == int(100 * 2 / 30)
@@ -267,12 +280,24 @@ def test_gallery_build_writes_progress(tmp_path):
     from jobs.gallery import build_gallery
 
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"name": "mini", "model": "tiny-random", "steps": 2,
-                                "entries": [{"prompt": "a red circle", "seeds": [1, 2]}]}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "mini",
+                "model": "tiny-random",
+                "steps": 2,
+                "entries": [{"prompt": "a red circle", "seeds": [1, 2]}],
+            }
+        )
+    )
     seen = []
     root = tmp_path / "store"
-    build_gallery(root, spec, "tiny-random", on_run=lambda i, n, r: seen.append(
-        json.loads(gallery_progress_path(root).read_text())))  # fmt: skip
+    build_gallery(
+        root,
+        spec,
+        "tiny-random",
+        on_run=lambda i, n, r: seen.append(json.loads(gallery_progress_path(root).read_text())),
+    )
     assert [(p["done"], p["total"]) for p in seen] == [(1, 2), (2, 2)]
     final = json.loads(gallery_progress_path(root).read_text())
     assert final["finished_at"] is not None and final["error"] is None and final["done"] == 2

@@ -359,16 +359,35 @@ def test_cli_generates_flux_with_concepts_and_true_cfg(tmp_path) -> None:
     stepx = [sys.executable, "-m", "stepx.cli"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     root = str(tmp_path / "store")
-    args = ["generate", "--store", root, "--model", "tiny-flux", "--steps", "2", "--negative", "blurry",
-            "--true-cfg", "2", "--concepts", "cat, sky", "a cat under the sky"]  # fmt: skip
+    args = [
+        "generate",
+        "--store",
+        root,
+        "--model",
+        "tiny-flux",
+        "--steps",
+        "2",
+        "--negative",
+        "blurry",
+        "--true-cfg",
+        "2",
+        "--concepts",
+        "cat, sky",
+        "a cat under the sky",
+    ]
     done = subprocess.run(stepx + args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     run_id = done.stdout.strip().splitlines()[-1]
     names, maps = Store(root).concept_maps(run_id)
     assert names == ["cat", "sky"] and np.allclose(maps.sum(axis=0), 1, atol=1e-5)
     assert '"true_cfg": 2.0' in Store(root).run(run_id)["config_json"]
-    refused = subprocess.run(stepx + ["generate", "--store", root, "--model", "tiny-sd3", "--concepts", "cat", "a cat"],
-                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    refused = subprocess.run(
+        stepx + ["generate", "--store", root, "--model", "tiny-sd3", "--concepts", "cat", "a cat"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
     assert "needs a FLUX.1 model" in refused.stderr
     assert not Path(root, "runs").exists() or len(list(Path(root, "runs").iterdir())) == 1

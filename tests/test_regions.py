@@ -31,18 +31,32 @@ def block_attention() -> np.ndarray:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("5", [5]), ("0-3", [0, 1, 2, 3]), ("100, 0-1023, 0,1,2,3", list(range(1024))), (" 7 ,7, 6-7 ", [6, 7]),
-     ("1023", [1023]), ("0 - 2", [0, 1, 2])],
-)  # fmt: skip
+    [
+        ("5", [5]),
+        ("0-3", [0, 1, 2, 3]),
+        ("100, 0-1023, 0,1,2,3", list(range(1024))),
+        (" 7 ,7, 6-7 ", [6, 7]),
+        ("1023", [1023]),
+        ("0 - 2", [0, 1, 2]),
+    ],
+)
 def test_parse_indices_valid(text, expected):
     assert parse_indices(text, (32, 32)) == expected
 
 
 @pytest.mark.parametrize(
     "text, needle",
-    [("", "no indices"), ("1024", "out of range"), ("5-2", "backwards"), ("a", "not an index"), ("1.5", "not an index"),
-     ("-3", "not an index"), ("1,,x", "not an index"), (",", "no indices")],
-)  # fmt: skip
+    [
+        ("", "no indices"),
+        ("1024", "out of range"),
+        ("5-2", "backwards"),
+        ("a", "not an index"),
+        ("1.5", "not an index"),
+        ("-3", "not an index"),
+        ("1,,x", "not an index"),
+        (",", "no indices"),
+    ],
+)
 def test_parse_indices_invalid(text, needle):
     with pytest.raises(RegionInputError, match=needle) as err:
         parse_indices(text, (32, 32))
@@ -68,8 +82,14 @@ def test_bbox_cells_and_parser():
     assert bbox_cells((40, 40, 44, 44), SIZE, GRID) == [10]  # smaller than a cell: the centre's cell
     assert parse_bbox("0,0,32,32", SIZE) == (0, 0, 32, 32)
     assert parse_bbox(" 1 2 3 4 ", SIZE) == (1, 2, 3, 4)
-    for bad, needle in [("10,10,5,20", "reversed"), ("1,2,3", "4 numbers"), ("0,0,65,10", "leaves the image"),
-                        ("a,b,c,d", "not a number"), ("", "4 numbers"), ("5,5,5,9", "reversed")]:  # fmt: skip
+    for bad, needle in [
+        ("10,10,5,20", "reversed"),
+        ("1,2,3", "4 numbers"),
+        ("0,0,65,10", "leaves the image"),
+        ("a,b,c,d", "not a number"),
+        ("", "4 numbers"),
+        ("5,5,5,9", "reversed"),
+    ]:
         with pytest.raises(RegionInputError, match=needle) as err:
             parse_bbox(bad, SIZE)
         assert "x1,y1,x2,y2" in str(err.value)

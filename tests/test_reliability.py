@@ -58,8 +58,12 @@ def complete(root: Path, run_id: str) -> bool:
 def test_writer_killed_at_random_points_never_shows_half_a_run(tmp_path):
     rng = random.Random(7)
     for attempt in range(20):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(attempt), "50"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), str(attempt), "50"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
@@ -97,10 +101,20 @@ READER = textwrap.dedent(
 
 def test_reader_process_during_writer_process(tmp_path):
     synth_store(tmp_path, 1, steps=3)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path), "15"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "99", "15"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(tmp_path), "15"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), "99", "15"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert writer.wait(120) == 0, writer.stderr.read()
     out, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, err
@@ -148,40 +162,127 @@ def test_corrupt_truncated_deleted_and_newer_runs_are_isolated(tmp_path, monkeyp
 
 
 CLI_CASES = [
-    [], ["generate"], ["generate", ""], ["generate", " \t "], ["generate", "a\x00b"], ["generate", "a\x1bcat"],
-    ["generate", "x" * 12000], ["generate", "a cat", "--steps", "0"], ["generate", "a cat", "--steps", "-1"],
-    ["generate", "a cat", "--steps", "1e3"], ["generate", "a cat", "--steps", ""],
+    [],
+    ["generate"],
+    ["generate", ""],
+    ["generate", " \t "],
+    ["generate", "a\x00b"],
+    ["generate", "a\x1bcat"],
+    ["generate", "x" * 12000],
+    ["generate", "a cat", "--steps", "0"],
+    ["generate", "a cat", "--steps", "-1"],
+    ["generate", "a cat", "--steps", "1e3"],
+    ["generate", "a cat", "--steps", ""],
     ["generate", "a cat", "--seed", "x"],
-    ["generate", "a cat", "--seed", "-5"], ["generate", "a cat", "--seed", str(2**64)],
-    ["generate", "a cat", "--guidance", "abc"], ["generate", "a cat", "--guidance", "-1"],
-    ["generate", "a cat", "--guidance", "inf"], ["generate", "a cat", "--guidance", "51"],
-    ["generate", "a cat", "--width", "63"], ["generate", "a cat", "--width", "0"],
+    ["generate", "a cat", "--seed", "-5"],
+    ["generate", "a cat", "--seed", str(2**64)],
+    ["generate", "a cat", "--guidance", "abc"],
+    ["generate", "a cat", "--guidance", "-1"],
+    ["generate", "a cat", "--guidance", "inf"],
+    ["generate", "a cat", "--guidance", "51"],
+    ["generate", "a cat", "--width", "63"],
+    ["generate", "a cat", "--width", "0"],
     ["generate", "a cat", "--height", "7"],
-    ["generate", "a cat", "--height", "1.5"], ["generate", "a cat", "--width", "-64"],
-    ["generate", "a cat", "--model", ""], ["generate", "a cat", "--model", "sd99"],
-    ["generate", "a cat", "--model-path", "/definitely/not/here"], ["generate", "a cat", "--device", "tpu"],
-    ["generate", "a cat", "--bogus"], ["runs", "--limit", "0"], ["runs", "--limit", "many"], ["show"],
-    ["show", "nope"], ["sql"], ["sql", ""], ["sql", "DELETE FROM runs"], ["sql", "SELECT 1", "--format", "xml"],
-    ["sql", "SELECT * FROM read_csv('/etc/passwd')"], ["sql", "SELECT 1", "--max-rows", "0"], ["index"],
-    ["index", "destroy"], ["gallery", "build", "--spec", "/no/such.json"], ["annotate", "--out", "x.json"],
-    ["annotate", "--gallery", "g", "--run", "r", "--out", "x.json"], ["annotate", "--run", "nope", "--out", "x.json"],
-    ["annotate", "--gallery", "none", "--out", "x.json", "--threshold", "2"], ["synth", "--runs", "0"],
-    ["synth"], ["eval", "--n", "0"], ["depth"], ["depth", "nope"], ["worker", "--device", "gpu"], ["models", "--x"],
-    ["--version-please"], ["generate", "a cat", "--negative", "bad\x07"], ["runs", "--tag"],
-    ["sql", "SELECT 1", "--timeout", "soon"], ["generate", "a cat", "--width", "8192"],
-]  # fmt: skip
+    ["generate", "a cat", "--height", "1.5"],
+    ["generate", "a cat", "--width", "-64"],
+    ["generate", "a cat", "--model", ""],
+    ["generate", "a cat", "--model", "sd99"],
+    ["generate", "a cat", "--model-path", "/definitely/not/here"],
+    ["generate", "a cat", "--device", "tpu"],
+    ["generate", "a cat", "--bogus"],
+    ["runs", "--limit", "0"],
+    ["runs", "--limit", "many"],
+    ["show"],
+    ["show", "nope"],
+    ["sql"],
+    ["sql", ""],
+    ["sql", "DELETE FROM runs"],
+    ["sql", "SELECT 1", "--format", "xml"],
+    ["sql", "SELECT * FROM read_csv('/etc/passwd')"],
+    ["sql", "SELECT 1", "--max-rows", "0"],
+    ["index"],
+    ["index", "destroy"],
+    ["gallery", "build", "--spec", "/no/such.json"],
+    ["annotate", "--out", "x.json"],
+    ["annotate", "--gallery", "g", "--run", "r", "--out", "x.json"],
+    ["annotate", "--run", "nope", "--out", "x.json"],
+    ["annotate", "--gallery", "none", "--out", "x.json", "--threshold", "2"],
+    ["synth", "--runs", "0"],
+    ["synth"],
+    ["eval", "--n", "0"],
+    ["depth"],
+    ["depth", "nope"],
+    ["worker", "--device", "gpu"],
+    ["models", "--x"],
+    ["--version-please"],
+    ["generate", "a cat", "--negative", "bad\x07"],
+    ["runs", "--tag"],
+    ["sql", "SELECT 1", "--timeout", "soon"],
+    ["generate", "a cat", "--width", "8192"],
+]
 
-REGION_CASES = [
-    (parse_indices, t) for t in ["", ",", "a", "1.5", "-1", "1024", "5-2", "0-1024", "1,,x", "1 2", "0x10", "١٢", "1-",
-                                 "-", "999999999999999999999", "1;2", "🙂"]
-] + [
-    (parse_bbox, t) for t in ["", "1,2,3", "1,2,3,4,5", "a,b,c,d", "10,10,5,20", "0,0,65,10", "-1,0,5,5", "5,5,5,9",
-                              "0,0,0,0", "1e9,0,2e9,1", "nan,0,1,1", "0,0,10", "🙂,1,2,3", "1;2;3;4"]
-] + [
-    (parse_polygon, t) for t in ["", "0,0", "0,0 10,10", "0,0 10,10 20,20", "0,0 64,64 64,0 0,64", "0,0 10 10,10",
-                                 "0,0 70,0 0,10", "x,1 2,3 4,5", "0,0 0,0 0,0", "-1,0 5,5 0,5", "0,0 10,0 nan,5",
-                                 "1 2 3", "0,0 64,0 64,64 0,64 64,0", "🙂 1 2 3 4 5"]
-]  # fmt: skip
+REGION_CASES = (
+    [
+        (parse_indices, t)
+        for t in [
+            "",
+            ",",
+            "a",
+            "1.5",
+            "-1",
+            "1024",
+            "5-2",
+            "0-1024",
+            "1,,x",
+            "1 2",
+            "0x10",
+            "١٢",
+            "1-",
+            "-",
+            "999999999999999999999",
+            "1;2",
+            "🙂",
+        ]
+    ]
+    + [
+        (parse_bbox, t)
+        for t in [
+            "",
+            "1,2,3",
+            "1,2,3,4,5",
+            "a,b,c,d",
+            "10,10,5,20",
+            "0,0,65,10",
+            "-1,0,5,5",
+            "5,5,5,9",
+            "0,0,0,0",
+            "1e9,0,2e9,1",
+            "nan,0,1,1",
+            "0,0,10",
+            "🙂,1,2,3",
+            "1;2;3;4",
+        ]
+    ]
+    + [
+        (parse_polygon, t)
+        for t in [
+            "",
+            "0,0",
+            "0,0 10,10",
+            "0,0 10,10 20,20",
+            "0,0 64,64 64,0 0,64",
+            "0,0 10 10,10",
+            "0,0 70,0 0,10",
+            "x,1 2,3 4,5",
+            "0,0 0,0 0,0",
+            "-1,0 5,5 0,5",
+            "0,0 10,0 nan,5",
+            "1 2 3",
+            "0,0 64,0 64,64 0,64 64,0",
+            "🙂 1 2 3 4 5",
+        ]
+    ]
+)
 
 
 def test_over_100_malformed_inputs_get_clear_messages(tmp_path, monkeypatch):
@@ -210,9 +311,25 @@ def test_over_100_malformed_inputs_get_clear_messages(tmp_path, monkeypatch):
 def test_prompt_edge_cases_generate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for prompt in ("word " * 500, "a 🙂 and a 🐱 on the left", "ünïcödé café"):
-        res = subprocess.run([sys.executable, "-m", "stepx.cli", "generate", prompt, "--model", "tiny-random",
-                              "--steps", "2", "--store", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                             env=env)  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stepx.cli",
+                "generate",
+                prompt,
+                "--model",
+                "tiny-random",
+                "--steps",
+                "2",
+                "--store",
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
     runs = Store(tmp_path).runs()
     assert len(runs) == 3
@@ -278,8 +395,13 @@ def test_writer_killed_at_every_write_step_never_shows_a_run_outside_runs(tmp_pa
     while True:
         root = tmp_path / f"k{kill_at}"
         shutil.copytree(base, root)
-        proc = subprocess.run([sys.executable, "-c", STEP_WRITER, str(root), str(kill_at)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", STEP_WRITER, str(root), str(kill_at)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = proc.stdout.splitlines()
         if proc.returncode == 0:
             assert lines[-1] == "done" and len(lines) - 1 == kill_at, proc.stdout
@@ -305,8 +427,14 @@ def test_writer_killed_at_every_write_step_never_shows_a_run_outside_runs(tmp_pa
         shutil.rmtree(root)
         kill_at += 1
     names = " ".join(steps_seen)
-    for step in ("created tmp folder", "wrote runs.parquet", "wrote images.parquet", "renamed into runs/",
-                 "renamed manifest.json", "wrote .manifest.json"):  # fmt: skip
+    for step in (
+        "created tmp folder",
+        "wrote runs.parquet",
+        "wrote images.parquet",
+        "renamed into runs/",
+        "renamed manifest.json",
+        "wrote .manifest.json",
+    ):
         assert step in names, step
     assert sum(s.startswith("renamed runs-") for s in steps_seen) == 2  # the new segment and the merged one
     assert kill_at >= 20

@@ -221,15 +221,34 @@ def test_stepx_batch_runs_locally_into_s3(s3, tmp_path):
     url = new_bucket(s3)
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "stepx.cli", "batch", str(tmp_path / "p.txt"), "--seeds", "0-1", "--steps", "2",
-           "--model", "tiny-random", "--store", url]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "stepx.cli",
+        "batch",
+        str(tmp_path / "p.txt"),
+        "--seeds",
+        "0-1",
+        "--steps",
+        "2",
+        "--model",
+        "tiny-random",
+        "--store",
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["generated"] == 4
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert json.loads(again.stdout.strip().splitlines()[-1])["present"] == 4
-    runs = subprocess.run([sys.executable, "-m", "stepx.cli", "runs", "--store", url], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=REPO)  # fmt: skip
+    runs = subprocess.run(
+        [sys.executable, "-m", "stepx.cli", "runs", "--store", url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=REPO,
+    )
     assert runs.returncode == 0 and runs.stdout.count("a red circle") == 2
 
 

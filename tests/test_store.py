@@ -389,8 +389,16 @@ def test_bad_run_ids_are_refused_before_any_path(tmp_path, bad):
     with pytest.raises(InvalidRunId):
         run_dir(root, bad)
     store = Store(root)
-    for call in (store.run, store.image, store.depth, store.self_attention, store.tokens, store.steps,
-                 lambda r: store.word_map(r, GLOBAL), lambda r: depth_for_run(root, r, None)):  # fmt: skip
+    for call in (
+        store.run,
+        store.image,
+        store.depth,
+        store.self_attention,
+        store.tokens,
+        store.steps,
+        lambda r: store.word_map(r, GLOBAL),
+        lambda r: depth_for_run(root, r, None),
+    ):
         with pytest.raises(RunNotFound, match="not a run id"):
             call(bad)
     with pytest.raises(ValueError, match="not a run id"):

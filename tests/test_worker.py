@@ -23,8 +23,13 @@ pytestmark = pytest.mark.slow
 
 def start_worker(store: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPX_STORE": str(store)}
-    return subprocess.Popen([sys.executable, "-m", "stepx.cli", "worker", "--poll", "0.2", *extra], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "stepx.cli", "worker", "--poll", "0.2", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for(predicate, timeout: float = 180, what: str = "condition"):
@@ -38,8 +43,16 @@ def wait_for(predicate, timeout: float = 180, what: str = "condition"):
 
 
 def request(prompt: str, steps: int, model: str = "tiny-random") -> dict:
-    return {"prompt": prompt, "negative": "", "model": model, "seed": 1, "steps": steps, "guidance": 3.0,
-            "width": 64, "height": 64}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "negative": "",
+        "model": model,
+        "seed": 1,
+        "steps": steps,
+        "guidance": 3.0,
+        "width": 64,
+        "height": 64,
+    }
 
 
 def test_worker_runs_jobs_and_fails_fast_without_weights(tmp_path, monkeypatch):
@@ -161,11 +174,21 @@ def test_queue_positions_elapsed_cancel_and_limits(tmp_path):
         with pytest.raises(queue.JobError, match=message):
             queue.submit(tmp_path, bad)
     env = {**os.environ, "STEPX_STORE": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(ids[2])], cwd=ROOT, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(ids[2])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0 and "cancelled" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", "12345"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "stepx.cli", "jobs", "cancel", "12345"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and res.stderr.strip().splitlines() == ["stepx jobs: no job 12345 in the queue"]
     res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs"], cwd=ROOT, env=env, capture_output=True, text=True)
     statuses = [line.split()[1] for line in res.stdout.splitlines()[2:]]
@@ -229,8 +252,9 @@ KILLING_WORKER = textwrap.dedent(
 def test_worker_killed_after_its_run_appeared_never_yields_a_second_run(tmp_path, step):
     job_id = queue.submit(tmp_path, request("a red circle", 3))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILLING_WORKER, str(tmp_path), step], cwd=ROOT, env=env,
-                            capture_output=True, timeout=300)  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLING_WORKER, str(tmp_path), step], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     job = queue.get(tmp_path, job_id)
     assert job.status == "running" and runs_on_disk(tmp_path) == [job.run_id]
@@ -258,8 +282,9 @@ def test_worker_restarted_with_the_same_pid_recovers_its_job(tmp_path):
     """A worker that comes back under its old PID (PID 1 in a container) must not take its old job for live."""
     job_id = queue.submit(tmp_path, request("a red circle", 2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", SAME_PID, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", SAME_PID, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     pid, claimed = map(int, res.stdout.split())
     job = queue.get(tmp_path, job_id)
@@ -290,8 +315,13 @@ SLOW_STEP_WORKER = textwrap.dedent(
 def test_heartbeat_during_a_long_step_and_cancel_stops_the_job(tmp_path):
     slow = queue.submit(tmp_path, request("slow", 6))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-c", SLOW_STEP_WORKER, str(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SLOW_STEP_WORKER, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert worker.stdout.readline().strip() == b"slow step"
         first = queue.get(tmp_path, slow)
@@ -299,8 +329,12 @@ def test_heartbeat_during_a_long_step_and_cancel_stops_the_job(tmp_path):
         later = queue.get(tmp_path, slow)
         assert first.step == later.step == 2 and later.heartbeat_at > first.heartbeat_at  # beats within a step
         assert queue.live_worker(tmp_path) is not None  # so the dashboard never says "No worker is running"
-        res = subprocess.run([sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(slow), "--store",
-                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "stepx.cli", "jobs", "cancel", str(slow), "--store", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0 and "next step" in res.stdout
         job = wait_for(lambda: (j := queue.get(tmp_path, slow)).status == "cancelled" and j, what="cancelled")
         assert job.step == 2 and runs_on_disk(tmp_path) == [] and Store(tmp_path).runs() == []

@@ -10,7 +10,8 @@ import streamlit as st
 from analysis.compare import has_word, related_runs, word_curves, word_table
 from dashboard.render import Scale, decode, difference_image, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, store, store_path, word_map
-from dashboard.widgets import look, normalisation, plain, prompt_text, scale_of
+from dashboard.text import plain
+from dashboard.widgets import look, normalisation, prompt_text, scale_of
 from store import GLOBAL
 
 TILE_PX = 320
@@ -58,8 +59,10 @@ def body() -> None:
     # One scale for all runs: the largest of the runs' scales (fixed range as typed).
     scales = [scale_of(m, norm) for m in maps.values()]
     scale = Scale(min((sc.lo for sc in scales), default=0.0), max((sc.hi for sc in scales), default=0.0))
-    st.caption(f"One colour scale for all runs ({norm['mode']}): {scale.lo:.4g} to {scale.hi:.4g} "
-               f"(attention probability); largest value {vmax:.4g}")  # fmt: skip
+    st.caption(
+        f"One colour scale for all runs ({norm['mode']}): {scale.lo:.4g} to {scale.hi:.4g} "
+        f"(attention probability); largest value {vmax:.4g}"
+    )
     for col, rid in zip(st.columns(len(chosen)), chosen, strict=True):
         run = s.run(rid)
         with col:

@@ -11,7 +11,8 @@ from analysis.titan import coco_for_runs, dumps, run_objects
 from dashboard.export import coco_zip
 from dashboard.render import Scale, decode, label, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path, word_map
-from dashboard.widgets import look, pick_run, plain
+from dashboard.text import plain
+from dashboard.widgets import look, pick_run
 
 DISPLAY_PX = 448
 METHODS = ["DAAM + self-attention", "DAAM alone"]
@@ -84,15 +85,32 @@ def body() -> None:
     with left:
         scale = Scale(0.0, float(heat.max()))
         units = "attention probability" if method == METHODS[1] else "self-attention-guided attention"
-        st.image(with_colorbar(draw_detections(overlay(image, heat, alpha, cmap, size=shown, scale=scale), dets, size),
-                               cmap, scale, units),
-                 caption=f"'{plain(word)}' · {method} · {len(dets)} region(s)", width="stretch")  # fmt: skip
+        st.image(
+            with_colorbar(
+                draw_detections(overlay(image, heat, alpha, cmap, size=shown, scale=scale), dets, size),
+                cmap,
+                scale,
+                units,
+            ),
+            caption=f"'{plain(word)}' · {method} · {len(dets)} region(s)",
+            width="stretch",
+        )
         if dets:
             st.dataframe(
-                [{"label": d.label, "x": d.bbox[0], "y": d.bbox[1], "width": d.bbox[2], "height": d.bbox[3],
-                  "area px": d.area, "score": round(d.score, 3)} for d in dets],
+                [
+                    {
+                        "label": d.label,
+                        "x": d.bbox[0],
+                        "y": d.bbox[1],
+                        "width": d.bbox[2],
+                        "height": d.bbox[3],
+                        "area px": d.area,
+                        "score": round(d.score, 3),
+                    }
+                    for d in dets
+                ],
                 hide_index=True,
-            )  # fmt: skip
+            )
         else:
             st.info("No region passes the threshold; lower it or the smallest-region size.")
     with right:
@@ -120,15 +138,32 @@ def titan(run: dict, image: Image.Image, size, shown, threshold: str | float, gu
     if coco and coco[0] == run["run_id"]:
         doc = coco[1]
         cats = {c["id"]: c["name"] for c in doc["categories"]}
-        dets = [Detection(cats[a["category_id"]], tuple(a["bbox"]),
-                          list(zip(a["segmentation"][0][0::2], a["segmentation"][0][1::2], strict=True)),
-                          a["area"], a["score"], None) for a in doc["annotations"]]  # fmt: skip
-        st.image(draw_detections(image.resize(shown), dets, size),
-                 caption=f"{len(dets)} annotations, {len(cats)} categories", width="stretch")  # fmt: skip
-        st.download_button("Download COCO JSON", dumps(doc), f"stepx-{run['run_id']}-coco.json",
-                           "application/json", key="detect_coco")  # fmt: skip
-        st.download_button("Download COCO ZIP (JSON + images)", coco_zip(store(), doc),
-                           f"stepx-{run['run_id']}-coco.zip", "application/zip", key="detect_coco_zip")  # fmt: skip
+        dets = [
+            Detection(
+                cats[a["category_id"]],
+                tuple(a["bbox"]),
+                list(zip(a["segmentation"][0][0::2], a["segmentation"][0][1::2], strict=True)),
+                a["area"],
+                a["score"],
+                None,
+            )
+            for a in doc["annotations"]
+        ]
+        st.image(
+            draw_detections(image.resize(shown), dets, size),
+            caption=f"{len(dets)} annotations, {len(cats)} categories",
+            width="stretch",
+        )
+        st.download_button(
+            "Download COCO JSON", dumps(doc), f"stepx-{run['run_id']}-coco.json", "application/json", key="detect_coco"
+        )
+        st.download_button(
+            "Download COCO ZIP (JSON + images)",
+            coco_zip(store(), doc),
+            f"stepx-{run['run_id']}-coco.zip",
+            "application/zip",
+            key="detect_coco_zip",
+        )
 
 
 guarded(body)

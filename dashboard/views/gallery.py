@@ -10,7 +10,8 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard.state import guarded, image_bytes, select_run, store, store_path
-from dashboard.widgets import plain, prompt_text
+from dashboard.text import plain
+from dashboard.widgets import prompt_text
 from schema.layout import gallery_progress_path
 
 PER_PAGE = 24
@@ -62,8 +63,11 @@ def build_status(shown: int) -> None:
     elif now - float(prog.get("updated_at") or 0) > STALLED_S:
         st.warning(f"The {name} gallery build stopped at {done} of {total} runs; `make demo` resumes it.")
     else:
-        st.progress(done / total, text=f"Building the {name} gallery: {done} of {total} runs "
-                    f"({plain(str(prog.get('model', '')))}); runs appear here as they finish.")  # fmt: skip
+        st.progress(
+            done / total,
+            text=f"Building the {name} gallery: {done} of {total} runs "
+            f"({plain(str(prog.get('model', '')))}); runs appear here as they finish.",
+        )
         if prog.get("current"):
             st.text(f"Now: {prog['current']}")
     if len(store().runs()) != shown:

@@ -19,7 +19,8 @@ from dashboard.state import (
     text_share,
     word_map,
 )
-from dashboard.widgets import normalisation, pick_run, plain, prompt_text, scale_of
+from dashboard.text import plain
+from dashboard.widgets import normalisation, pick_run, prompt_text, scale_of
 from dashboard.words import cut_words, is_content
 from jobs import queue
 from store import GLOBAL, Word
@@ -42,9 +43,10 @@ def word_picker(words: list[Word]) -> str | int:
             st.code(asked[:200], language=None)
     hidden = [w for w in words if not is_content(w.word)]
     show_all = bool(hidden) and st.toggle(
-        f"Show function words and punctuation ({len(hidden)})", key="inspect_all_words",
+        f"Show function words and punctuation ({len(hidden)})",
+        key="inspect_all_words",
         help="Words like 'a', 'on', 'the' and commas have maps too, but they rarely say where an object is.",
-    )  # fmt: skip
+    )
     chosen = st.session_state.get("inspect_word")
     shown = [w for w in words if show_all or is_content(w.word) or w.word_index == chosen]
     counts: dict[str, int] = {}
@@ -69,8 +71,15 @@ def word_picker(words: list[Word]) -> str | int:
 def step_picker(steps: int) -> int | None:
     """A denoising step (0-based), or None for the sum over all steps."""
     all_steps = st.toggle("All steps (aggregate)", value=False, key="inspect_all_steps")
-    step = st.slider("Step", 1, steps, steps, key="inspect_step", disabled=all_steps,
-                     help="Click the slider, then the left and right arrow keys move one step.")  # fmt: skip
+    step = st.slider(
+        "Step",
+        1,
+        steps,
+        steps,
+        key="inspect_step",
+        disabled=all_steps,
+        help="Click the slider, then the left and right arrow keys move one step.",
+    )
     return None if all_steps else step - 1
 
 
@@ -100,12 +109,18 @@ def concept_picker(names: list[str]) -> int | None:
     if not names:
         return None
     tip = "ConceptAttention: concepts ride the text path; maps compare attention outputs, softmax over the concepts."
-    family = st.radio("Map family", ["Cross-attention", "ConceptAttention"], horizontal=True, key="inspect_family",
-                      help=tip)  # fmt: skip
+    family = st.radio(
+        "Map family", ["Cross-attention", "ConceptAttention"], horizontal=True, key="inspect_family", help=tip
+    )
     if family == "Cross-attention":
         return None
-    return st.radio("Concept", list(range(len(names))), format_func=lambda i: plain(names[i]), horizontal=True,
-                    key="inspect_concept")  # fmt: skip
+    return st.radio(
+        "Concept",
+        list(range(len(names))),
+        format_func=lambda i: plain(names[i]),
+        horizontal=True,
+        key="inspect_concept",
+    )
 
 
 def encoder_picker(encoders: list[str]) -> str | None:
@@ -144,8 +159,9 @@ def probe_picker(probes: list[str]) -> str | None:
 def probe_box(root: str, run_id: str) -> None:
     """A text box that queues `stepx probe` for this run; the worker re-runs it and the picker then lists it."""
     with st.form("probe_form", clear_on_submit=True, border=False):
-        text = st.text_input("Probe words not in the prompt (comma-separated)", key="probe_words",
-                             placeholder="dog, sky")  # fmt: skip
+        text = st.text_input(
+            "Probe words not in the prompt (comma-separated)", key="probe_words", placeholder="dog, sky"
+        )
         if st.form_submit_button("Queue probe"):
             try:
                 job_id = queue.submit(Path(root), {"kind": "probe", "run_id": run_id, "words": queue.probe_words(text)})
@@ -213,8 +229,13 @@ def body() -> None:
         if encoder is not None:
             words = [w for w in words if w.encoder == encoder]
         tip = "Per pixel, the part of its attention (image and text keys) that goes to any text position."
-        share = dit and concept is None and st.toggle("Text share: how much each pixel listens to the prompt at all",
-                                  key="inspect_text_share", help=tip)  # fmt: skip
+        share = (
+            dit
+            and concept is None
+            and st.toggle(
+                "Text share: how much each pixel listens to the prompt at all", key="inspect_text_share", help=tip
+            )
+        )
         word = GLOBAL if share else word_picker(words)
         probe = None if dit else probe_picker(s.probes(run_id))
         if not dit:
@@ -248,8 +269,11 @@ def body() -> None:
     over = "all steps (mean)" if share or concept is not None else "all steps (sum)"
     where = over if step is None else f"step {step + 1} of {run['steps']}"
     with left:
-        st.image(with_colorbar(overlay(base, heat, alpha, cmap, size=size, scale=scale), cmap, scale),
-                 caption=f"{plain(label)} · {where}", width="stretch")  # fmt: skip
+        st.image(
+            with_colorbar(overlay(base, heat, alpha, cmap, size=size, scale=scale), cmap, scale),
+            caption=f"{plain(label)} · {where}",
+            width="stretch",
+        )
         st.caption(
             f"Raw values: min {heat.min():.4g}, max {heat.max():.4g} (attention probability per latent pixel, "
             f"{'levels ' + plain(', '.join(levels)) if levels else 'all levels'} averaged"
@@ -280,20 +304,31 @@ def depth_panel(run_id: str, run: dict, alpha: float, cmap: str, size: tuple[int
             shown = depth if near_is_high else depth.max() - depth  # bright = near in both cases
             base = decode(image_bytes(store_path(), run_id, None))
             dscale = Scale(0.0, float(shown.max() - shown.min()))
-            st.image(with_colorbar(overlay(base, shown - shown.min(), alpha, cmap, size=size, scale=dscale), cmap,
-                                   dscale, "depth (relative to the nearest point)"), width="stretch",
-                     caption=f"{plain(info['model_id'])} · {info['kind']} depth {info['min_value']:.3g} to "
-                     f"{info['max_value']:.3g} · bright = near")  # fmt: skip
+            st.image(
+                with_colorbar(
+                    overlay(base, shown - shown.min(), alpha, cmap, size=size, scale=dscale),
+                    cmap,
+                    dscale,
+                    "depth (relative to the nearest point)",
+                ),
+                width="stretch",
+                caption=f"{plain(info['model_id'])} · {info['kind']} depth {info['min_value']:.3g} to "
+                f"{info['max_value']:.3g} · bright = near",
+            )
             return
         entries = {m["name"]: m for m in depth_models()}
         zoe = entries.get("zoedepth")
         if zoe is None or not zoe["present"]:
-            st.info("No depth estimate for this run, and the depth model's weights are not on this machine: "
-                    + (zoe["where"] if zoe else "run `stepx models` to see where StepX looks."))  # fmt: skip
+            st.info(
+                "No depth estimate for this run, and the depth model's weights are not on this machine: "
+                + (zoe["where"] if zoe else "run `stepx models` to see where StepX looks.")
+            )
             return
         if st.button("Estimate depth (ZoeDepth)", key="depth_go"):
-            job_id = queue.submit(Path(store_path()), {"kind": "depth", "run_id": run_id, "depth_model": "zoedepth",
-                                                      "prompt": f"depth of {run_id}"})  # fmt: skip
+            job_id = queue.submit(
+                Path(store_path()),
+                {"kind": "depth", "run_id": run_id, "depth_model": "zoedepth", "prompt": f"depth of {run_id}"},
+            )
             st.session_state.setdefault("my_jobs", []).append(job_id)
             st.info("Queued: the worker will add the depth map to this run.")
 
@@ -306,8 +341,12 @@ def downloads(run_id: str, run: dict, word: str | int, label: str, levels, alpha
     if st.button("GIF Animation", key="make_gif", help="The selected word over every step"):
         maps = [word_map(root, run_id, word, s, levels) for s in range(run["steps"])]
         scale = Scale(0.0, max(float(m.max()) for m in maps))
-        frames = [with_colorbar(overlay(decode(image_bytes(root, run_id, s)), m, alpha, cmap, size=size, scale=scale),
-                                cmap, scale) for s, m in enumerate(maps)]  # fmt: skip
+        frames = [
+            with_colorbar(
+                overlay(decode(image_bytes(root, run_id, s)), m, alpha, cmap, size=size, scale=scale), cmap, scale
+            )
+            for s, m in enumerate(maps)
+        ]
         st.session_state["gif"] = (key, gif_bytes(frames))
     gif = st.session_state.get("gif")
     if gif and gif[0] == key:

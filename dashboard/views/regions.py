@@ -21,7 +21,8 @@ from analysis.regions import (
 from dashboard.canvas import click_to_pixel, last_object, path_to_points, rect_to_box
 from dashboard.render import decode, gif_bytes, grid, label, mark_point, overlay, with_colorbar
 from dashboard.state import guarded, image_bytes, self_attention, store, store_path
-from dashboard.widgets import look, normalisation, pick_run, plain, scale_of
+from dashboard.text import plain
+from dashboard.widgets import look, normalisation, pick_run, scale_of
 
 TOOLS = ["Pixel heatmap", "BBox heatmap", "Contour heatmap", "Pixel diffused heatmap"]
 CANVAS_PX = 384
@@ -68,20 +69,32 @@ def shape_input(tool: str, image: Image.Image, size: tuple[int, int], grid: tupl
     w, h = size
     if typed:
         if tool == "BBox heatmap":
-            return bbox_cells(parse_bbox(st.text_input("Box x1,y1,x2,y2 (image pixels)", f"0,0,{w // 2},{h // 2}",
-                                                       key="regions_box_text"), size), size, grid)  # fmt: skip
-        text = st.text_input("Polygon 'x1,y1 x2,y2 x3,y3' (image pixels)", f"0,0 {w // 2},0 0,{h // 2}",
-                             key="regions_poly_text")  # fmt: skip
+            return bbox_cells(
+                parse_bbox(
+                    st.text_input("Box x1,y1,x2,y2 (image pixels)", f"0,0,{w // 2},{h // 2}", key="regions_box_text"),
+                    size,
+                ),
+                size,
+                grid,
+            )
+        text = st.text_input(
+            "Polygon 'x1,y1 x2,y2 x3,y3' (image pixels)", f"0,0 {w // 2},0 0,{h // 2}", key="regions_poly_text"
+        )
         return polygon_cells(parse_polygon(text, size), size, grid)
     from streamlit_drawable_canvas import st_canvas
 
     shown = display_size(size)
     mode = "rect" if tool == "BBox heatmap" else "polygon"
     result = st_canvas(
-        fill_color="rgba(255, 255, 255, 0.2)", stroke_width=2, stroke_color="#00e5ff",
-        background_image=image.resize(shown), height=shown[1], width=shown[0], drawing_mode=mode,
+        fill_color="rgba(255, 255, 255, 0.2)",
+        stroke_width=2,
+        stroke_color="#00e5ff",
+        background_image=image.resize(shown),
+        height=shown[1],
+        width=shown[0],
+        drawing_mode=mode,
         key=f"regions_canvas_{mode}",
-    )  # fmt: skip
+    )
     st.caption(
         "Drag a rectangle."
         if mode == "rect"
@@ -161,8 +174,11 @@ def body() -> None:
         heat = region_map(sa.matrix, cells, grid)
         scale = scale_of(heat, norm)
         picture = overlay(mark_cells(image.resize(shown), cells, grid), heat, alpha, cmap, size=shown, scale=scale)
-        st.image(with_colorbar(picture, cmap, scale, UNITS),
-                 caption=f"{tool} · {len(cells)} cells · max {heat.max():.4g}", width="stretch")  # fmt: skip
+        st.image(
+            with_colorbar(picture, cmap, scale, UNITS),
+            caption=f"{tool} · {len(cells)} cells · max {heat.max():.4g}",
+            width="stretch",
+        )
 
 
 def show_diffusion(
@@ -180,16 +196,22 @@ def show_diffusion(
     scales = [scale_of(m, norm) for m in maps]
     base = image.resize(shown)
     frames = [overlay(base, m, alpha, cmap, size=shown, scale=sc) for m, sc in zip(maps, scales, strict=True)]
-    st.image(with_colorbar(frames[-1], cmap, scales[-1], UNITS), width="stretch",
-             caption=f"Diffused from cell {start} · {iterations} iterations · threshold {threshold:g}")  # fmt: skip
+    st.image(
+        with_colorbar(frames[-1], cmap, scales[-1], UNITS),
+        width="stretch",
+        caption=f"Diffused from cell {start} · {iterations} iterations · threshold {threshold:g}",
+    )
     picks = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(len(frames), STRIP_FRAMES))})
     thumbs = []
     for i in picks:
         thumb = frames[i].resize((128, round(128 * frames[i].height / frames[i].width)))
         label(ImageDraw.Draw(thumb), (4, 4), "start" if i == 0 else f"it {i}", "#ffffff", 14)
         thumbs.append(thumb)
-    st.image(grid(thumbs, per_row=5), width="content",
-             caption=f"{len(picks)} of {len(frames)} maps, iteration 0 (start) to {len(frames) - 1}")  # fmt: skip
+    st.image(
+        grid(thumbs, per_row=5),
+        width="content",
+        caption=f"{len(picks)} of {len(frames)} maps, iteration 0 (start) to {len(frames) - 1}",
+    )
     st.download_button("Download GIF", gif_bytes(frames, 300), "stepx-diffusion.gif", "image/gif", key="regions_gif")
 
 

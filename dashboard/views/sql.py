@@ -9,7 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.state import guarded, store
-from dashboard.widgets import plain
+from dashboard.text import plain
 from schema import USER_VIEWS, column_docs
 from store import QueryError, Results
 from store.sql import EXAMPLES
