@@ -289,6 +289,8 @@ TABLES: dict[str, pa.Schema] = {
     "concept_maps": CONCEPT_MAPS,  # optional: FLUX.1 runs generated with concepts
 }
 RUN_FILES: dict[str, str] = {name: f"{name}.parquet" for name in TABLES}
+# Tables a complete run may lack: written later beside it (depth, probes) or only for some runs (concepts).
+OPTIONAL_FILES: tuple[str, ...] = ("depth", "probe_maps", "concept_maps")
 # Small tables the store's index copies into its own segments, so listing and SQL stay fast at scale.
 INDEX_TABLES: tuple[str, ...] = ("runs", "tokens", "word_step_stats")
 

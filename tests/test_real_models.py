@@ -27,6 +27,7 @@ from pipeline.models import REGISTRY, ModelNotFoundError, load_model
 from pipeline.tiny import build_tiny_pipeline
 from pipeline.trace_writer import write_trace
 from schema import TABLES
+from schema.tables import OPTIONAL_FILES
 from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def test_cached_layout_loads_traces_and_stores(name, layout, px, levels, tmp_pat
     assert run["levels"] == levels and run["model_name"] == name
     for table, schema in TABLES.items():
         path = written.path / f"{table}.parquet"
-        if table in ("depth", "probe_maps", "concept_maps"):  # written later, or only for FLUX.1 concept runs
+        if table in OPTIONAL_FILES:
             assert not path.exists()
             continue
         assert pq.ParquetFile(path).schema_arrow.names == schema.names

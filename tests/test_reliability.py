@@ -24,6 +24,7 @@ from analysis.regions import RegionInputError, parse_bbox, parse_indices, parse_
 from jobs.synth import synth_store
 from pipeline.index import list_run_dirs, rebuild_index
 from schema import RUN_FILES
+from schema.tables import OPTIONAL_FILES
 from stepx.cli import main
 from store import GLOBAL, RunDataMissing, RunNotFound, Store
 
@@ -50,7 +51,9 @@ WRITER = textwrap.dedent(
 def complete(root: Path, run_id: str) -> bool:
     folder = root / "runs" / run_id
     try:
-        return all(pq.ParquetFile(folder / RUN_FILES[t]).metadata.num_rows > 0 for t in RUN_FILES if t != "depth")
+        return all(
+            pq.ParquetFile(folder / RUN_FILES[t]).metadata.num_rows > 0 for t in RUN_FILES if t not in OPTIONAL_FILES
+        )
     except OSError:
         return False
 
