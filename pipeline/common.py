@@ -4,13 +4,17 @@ CLIP tokens, run ids, decoded tensors as images. Kept apart so neither path impo
 
 from __future__ import annotations
 
+import json
 import secrets
+from dataclasses import asdict
 from datetime import UTC, datetime
 
+import diffusers
 import torch
 from PIL import Image
 
 from pipeline.trace import TokenInfo
+from schema.version import stepx_version
 
 PREVIEW_MAX_PX = 256  # long side of stored step previews
 
@@ -64,3 +68,20 @@ def to_pil(images: torch.Tensor, max_px: int | None = None) -> list[Image.Image]
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
         out.append(img)
     return out
+
+
+def provenance_fields(model: object, cfg: object) -> dict:
+    """The run-row fields that say which model, libraries and config made a run (UNet and DiT runs alike)."""
+    return {
+        "model_name": model.spec.name,
+        "model_id": model.model_id,
+        "model_fingerprint": model.fingerprint,
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "stepx_version": stepx_version(),
+        "device": model.device,
+        "dtype": model.dtype,
+        "tags": list(cfg.tags),
+        "gallery": cfg.gallery,
+        "config_json": json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+    }

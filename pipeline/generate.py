@@ -7,13 +7,11 @@ the loop, outside the timed denoising.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import diffusers
 import torch
 from PIL import Image
 
@@ -23,14 +21,13 @@ from pipeline.capture import (
     attention_capture,
     plan_grids,
 )
-from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens
+from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, provenance_fields
 from pipeline.common import to_pil as _to_pil
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import provenance
 from pipeline.trace import Trace, run_row
 from schema.limits import LimitError, check_generation, check_prompt
-from schema.version import stepx_version
 
 
 class GenerationError(ValueError):
@@ -204,21 +201,11 @@ def generate_trace(
         self_grid=self_grid,
         step_grid=step_grid,
         levels=levels,
-        model_name=model.spec.name,
-        model_id=model.model_id,
-        model_fingerprint=model.fingerprint,
-        torch_version=torch.__version__,
-        diffusers_version=diffusers.__version__,
-        stepx_version=stepx_version(),
-        device=model.device,
-        dtype=model.dtype,
         prompt_truncated=truncated,
         denoise_ms=denoise_ms,
         preview_ms=preview_ms,
         total_ms=(time.perf_counter() - t_start) * 1000,
-        tags=list(cfg.tags),
-        gallery=cfg.gallery,
-        config_json=json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+        **provenance_fields(model, cfg),
         **provenance(pipe),
     )
     return Trace(

@@ -10,25 +10,21 @@ end token, and one 'padding' pseudo-token summing every padding position (its ma
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Protocol
 
-import diffusers
 import numpy as np
 import torch
 
 from pipeline.capture_dit import DitPlan, DitRecorder, dit_bands, dit_capture, is_flux
-from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, to_pil
+from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, provenance_fields, to_pil
 from pipeline.concepts import concept_streams, parse_concepts
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import scheduler_config_json
 from pipeline.trace import TokenInfo, Trace, run_row
-from schema.version import stepx_version
 
 CLIP_POSITIONS = 77  # SD3's CLIP part of the text sequence, whatever the prompt
 SHARE_TOKEN = -1  # token_index of the text-share pseudo-token
@@ -222,21 +218,11 @@ def generate_dit_trace(
         levels=band_keys,
         level_modules=[",".join(b.modules) for b in bands],
         architecture="flux" if flux else "sd3",
-        model_name=model.spec.name,
-        model_id=model.model_id,
-        model_fingerprint=model.fingerprint,
-        torch_version=torch.__version__,
-        diffusers_version=diffusers.__version__,
-        stepx_version=stepx_version(),
-        device=model.device,
-        dtype=model.dtype,
         prompt_truncated=truncated,
         denoise_ms=denoise_ms,
         preview_ms=preview_ms,
         total_ms=(time.perf_counter() - t_start) * 1000,
-        tags=list(cfg.tags),
-        gallery=cfg.gallery,
-        config_json=json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
+        **provenance_fields(model, cfg),
         pipeline_class=type(pipe).__name__,
         scheduler_config=scheduler_config_json(pipe.scheduler),
     )
