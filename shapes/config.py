@@ -22,6 +22,10 @@ class Config:
     """Every knob of the recipe; stored in checkpoints and the model card."""
 
     seed: int = 0  # scenes, batches and noise are drawn from (seed, step): the whole run is a function of this
+    # An exported shapes pipeline to continue from ("": from scratch): its VAE, text encoder and UNet
+    # become step 0's weights (live and EMA), with a fresh optimizer. The run is then a function of
+    # (this config, those weights); their SHA-256 goes into the card.
+    init_from: str = ""
     # Torch CPU threads, fixed for the whole run: float reductions split differently across threads, so
     # two runs are bit-identical only at the same count. 2 = the cores of the machines this was built on.
     threads: int = 2
@@ -57,7 +61,10 @@ class Config:
     lr: float = 5e-4
     text_lr_mult: float = 3.0  # the text encoder starts from random weights, beside a UNet that needs its words
     weight_decay: float = 0.01
-    warmup: int = 100  # linear warm-up steps, then constant
+    warmup: int = 100  # linear warm-up steps, then constant (or cosine-decayed, below)
+    # After warm-up the rate follows a cosine from `lr` to `lr * lr_final` at `steps` (1.0: constant,
+    # as the committed run trained; a continuation anneals).
+    lr_final: float = 1.0
     ema_decay: float = 0.999  # the exported weights are the EMA
     min_snr: float = 5.0  # min-SNR-5 weighting (Hang et al., 2023): low-noise steps don't dominate
     offset_noise: float = 0.1  # lets the model change an image's mean (flat backgrounds)

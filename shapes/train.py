@@ -22,7 +22,9 @@ as a diffusers `StableDiffusionPipeline` (safetensors) with a README model card 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -44,6 +46,33 @@ from shapes.util import DEFAULT_OUT, DEFAULT_WORK, Logger, atomic_save, to_tenso
 from shapes.vae import train_vae
 
 
+def lr_factor(cfg: Config, step: int) -> float:
+    """The learning rate's multiplier at `step`: linear warm-up, then constant or cosine to `lr_final`."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
+    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def exported_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Text-encoder and UNet state dicts (float32) of an exported shapes pipeline, to continue from."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    return text.state_dict(), unet.state_dict()
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over an exported pipeline's weight files (sorted by path): which weights a run began from."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Trainer:
     """Joint text-encoder + UNet training with EMA, checkpoints and periodic evaluation."""
 
@@ -60,6 +89,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.text = make_text_encoder(cfg).to(self.device)
         self.unet = make_unet(cfg).to(self.device)
+        if cfg.init_from:
+            text_state, unet_state = exported_weights(Path(cfg.init_from))
+            self.text.load_state_dict(text_state)
+            self.unet.load_state_dict(unet_state)
+            log(f"init: text encoder and UNet from {cfg.init_from} (sha256 {weights_digest(Path(cfg.init_from))})")
         self.ema_text = make_text_encoder(cfg).to(self.device)
         self.ema_unet = make_unet(cfg).to(self.device)
         self.ema_text.load_state_dict(self.text.state_dict())
@@ -202,7 +236,7 @@ class Trainer:
             noise = torch.where(sel, (start - a.sqrt() * lat) / (1 - a).sqrt(), noise)
         snr = ac / (1 - ac)
         weight = snr.clamp(max=cfg.min_snr) / snr
-        lr_scale = min(1.0, (st.step + 1) / cfg.warmup)
+        lr_scale = lr_factor(cfg, st.step)
         for group, base in zip(self.opt.param_groups, (cfg.lr, cfg.lr * cfg.text_lr_mult), strict=True):
             group["lr"] = base * lr_scale
         self.store.clear()
@@ -336,6 +370,8 @@ def run_config(work: Path, overrides: list[str], log: Logger) -> Config:
             log("note: --set ignored, the work folder already has config.json")
         return load_config(path)
     cfg = apply_overrides(Config(), overrides)
+    if cfg.init_from:
+        cfg.init_from = str(Path(cfg.init_from).resolve())  # the work folder outlives the directory it was made from
     path.write_text(cfg.to_json(), encoding="utf-8")
     return cfg
 
@@ -353,9 +389,11 @@ def refusal(args: argparse.Namespace, work: Path) -> str | None:
         return "--workers must be at least 1, --max-steps at least 0, --minutes above 0"
     if not (work / "config.json").exists():
         try:
-            apply_overrides(Config(), args.set)
+            cfg = apply_overrides(Config(), args.set)
         except ConfigError as err:
             return str(err)
+        if cfg.init_from and not (Path(cfg.init_from) / "unet").is_dir():
+            return f"init_from={cfg.init_from}: not an exported shapes pipeline (no unet/ folder)"
     return None
 
 

@@ -56,6 +56,12 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
     path = work / "vae.pt"
     torch.manual_seed(cfg.seed)  # the initial weights: the same in every run
     vae = make_vae(cfg)
+    if not path.exists() and cfg.init_from:
+        # A continuation keeps the VAE it began from: the denoiser learned its latents.
+        done = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
+        blob = {"state": done.state_dict(), "scaling_factor": float(done.config.scaling_factor), "steps": 0}
+        atomic_save(blob, path)
+        log(f"vae: from {cfg.init_from} (scaling_factor {blob['scaling_factor']:.4f})")
     if path.exists():
         blob = torch.load(path, weights_only=False, map_location="cpu")
         vae.load_state_dict(blob["state"])

@@ -91,6 +91,32 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"][:4] == ["a", "red", "circle", "on"]
 
+    # A continuation (`--set init_from=...`) starts from the exported weights, VAE included.
+    more = tmp_path / "more"
+    more.mkdir()
+    cont = Trainer(replace(MINI, init_from=str(out)), more, Logger(more / "log.txt"))
+    for a, b in (
+        (cont.unet, pipe.unet),
+        (cont.ema_unet, pipe.unet),
+        (cont.text, pipe.text_encoder),
+        (cont.vae, pipe.vae),
+    ):
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y.to(x.dtype))
+    assert cont.sf == pipe.vae.config.scaling_factor and cont.run(minutes=5)
+
+
+def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
+    from shapes.train import lr_factor
+
+    cfg = replace(MINI, warmup=10, steps=110)
+    assert [lr_factor(cfg, s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert all(lr_factor(cfg, s) == 1.0 for s in range(10, 200))  # the committed run's schedule
+    cos = replace(cfg, lr_final=0.02)
+    values = [lr_factor(cos, s) for s in range(10, 111)]
+    assert values[0] == 1.0 and values[-1] == pytest.approx(0.02) and values[50] == pytest.approx(0.51)
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
 
 @pytest.mark.slow
 def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
