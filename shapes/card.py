@@ -6,6 +6,7 @@ its table also states the recipe defaults, which a test holds to `Config`.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -65,6 +66,19 @@ def schedule_text(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def continuation_text(cfg: Config, state: TrainState, work: Path) -> str:
+    """For a run that continued exported weights (`init_from`): which weights, and what this run changed."""
+    if not cfg.init_from:
+        return ""
+    digest = json.loads((work / "init.json").read_text(encoding="utf-8"))["sha256"]
+    return (
+        f"These weights continue earlier weights (weight files' SHA-256 {digest}; the history below is theirs) "
+        f"for {state.step} steps of the recipe with every term on from the start, no curriculum, shape twins "
+        f"weighted {cfg.shape_contrast_weight}, and the learning rate annealed by a cosine from {cfg.lr} to "
+        f"{cfg.lr * cfg.lr_final:.2g} (`lr_final` = {cfg.lr_final}); the VAE is the one they began with. "
+    )
+
+
 def cpu_name() -> str:
     """The CPU's model name, as the OS reports it."""
     try:
@@ -121,7 +135,9 @@ def write_card(
         "heldout": "\n".join(f"- {c} {s} at {p}" for c, s, p in scenes.HELDOUT),
         "latent_size": cfg.latent_size,
         "vae_steps": vae_blob["steps"],
-        "vae_minutes": f"{vae_blob['seconds'] / 60:.1f}",
+        "vae_time": "kept from the weights this run continues"
+        if cfg.init_from
+        else f"{vae_blob['seconds'] / 60:.1f} min",
         "vae_l1": f"{vae_blob['l1']:.4f}",
         "vae_recon": f"{vae_blob.get('recon_correct', float('nan')):.3f}",
         "sf": f"{float(vae_blob['scaling_factor']):.4f}",
@@ -136,7 +152,8 @@ def write_card(
         "hours": f"{state.train_seconds / 3600:.2f}",
         "device": device,
         "torch_version": torch.__version__,
-        "history": HISTORY.read_text(encoding="utf-8").strip() if is_committed_schedule(cfg) else "",
+        "continuation": continuation_text(cfg, state, work),
+        "history": HISTORY.read_text(encoding="utf-8").strip() if is_committed_schedule(cfg) or cfg.init_from else "",
         "sweep_prompts": sweep[0]["prompts"] if sweep else 0,
         "sweep_rows": sweep_rows,
         "timing_prompt": timing["prompt"],

@@ -93,7 +93,10 @@ class Trainer:
             text_state, unet_state = exported_weights(Path(cfg.init_from))
             self.text.load_state_dict(text_state)
             self.unet.load_state_dict(unet_state)
-            log(f"init: text encoder and UNet from {cfg.init_from} (sha256 {weights_digest(Path(cfg.init_from))})")
+            if not (work / "init.json").exists():  # the folder may be overwritten by this run's export
+                digest = weights_digest(Path(cfg.init_from))
+                (work / "init.json").write_text(json.dumps({"from": cfg.init_from, "sha256": digest}), "utf-8")
+            log(f"init: text encoder and UNet from {cfg.init_from} ({(work / 'init.json').read_text('utf-8')})")
         self.ema_text = make_text_encoder(cfg).to(self.device)
         self.ema_unet = make_unet(cfg).to(self.device)
         self.ema_text.load_state_dict(self.text.state_dict())

@@ -58,9 +58,11 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
     vae = make_vae(cfg)
     if not path.exists() and cfg.init_from:
         # A continuation keeps the VAE it began from: the denoiser learned its latents.
-        done = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
-        blob = {"state": done.state_dict(), "scaling_factor": float(done.config.scaling_factor), "steps": 0}
-        atomic_save(blob, path)
+        done = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32).eval()
+        l1, recon, _ = measure_vae(cfg, done)
+        sf = float(done.config.scaling_factor)  # the latents the denoiser learned, not a re-measured one
+        blob = {"state": done.state_dict(), "scaling_factor": sf, "l1": l1, "recon_correct": recon, "seconds": 0.0}
+        atomic_save({**blob, "steps": cfg.vae_steps, "from": cfg.init_from}, path)
         log(f"vae: from {cfg.init_from} (scaling_factor {blob['scaling_factor']:.4f})")
     if path.exists():
         blob = torch.load(path, weights_only=False, map_location="cpu")
@@ -93,31 +95,36 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
                 f"kl {kl.item():.1f} {(step + 1) / (time.time() - start):.2f} it/s"
             )
     vae.eval()
-    with torch.no_grad():
-        held = [scenes.training_scene(VAE_HELDOUT_SEED + i, size=cfg.image_size) for i in range(256)]
-        x = to_tensor_images([s.image for s in held])
-        lat = vae.encode(x).latent_dist.mean
-        rec = vae.decode(lat).sample
-        l1 = (rec - x).abs().mean().item()
-    images = to_uint8_images(rec)
-    judged = [
-        c.correct for s, im in zip(held, images, strict=True) for c in check_objects(im, [o.spec for o in s.objects])
-    ]
-    sf = float(1.0 / lat.std())  # latents scaled to unit std, as SD's VAE scaling factor does
+    l1, recon, sf = measure_vae(cfg, vae)
     log(
         f"vae done: {cfg.vae_steps} steps, held-out L1 {l1:.4f}, reconstructions judged correct "
-        f"{np.mean(judged):.3f}, scaling_factor {sf:.4f}"
+        f"{recon:.3f}, scaling_factor {sf:.4f}"
     )
     blob = {
         "state": vae.state_dict(),
         "scaling_factor": sf,
         "l1": l1,
         "steps": cfg.vae_steps,
-        "recon_correct": float(np.mean(judged)),
+        "recon_correct": recon,
         "seconds": time.time() - start,
     }
     atomic_save(blob, path)
     return vae, sf
+
+
+@torch.no_grad()
+def measure_vae(cfg: Config, vae: AutoencoderKL) -> tuple[float, float, float]:
+    """(held-out L1, share of objects the scene check judges correct after a round trip, latent scaling factor)."""
+    held = [scenes.training_scene(VAE_HELDOUT_SEED + i, size=cfg.image_size) for i in range(256)]
+    x = to_tensor_images([s.image for s in held])
+    lat = vae.encode(x).latent_dist.mean
+    rec = vae.decode(lat).sample
+    l1 = (rec - x).abs().mean().item()
+    images = to_uint8_images(rec)
+    judged = [
+        c.correct for s, im in zip(held, images, strict=True) for c in check_objects(im, [o.spec for o in s.objects])
+    ]
+    return l1, float(np.mean(judged)), float(1.0 / lat.std())  # latents scaled to unit std, as SD's VAE
 
 
 @torch.no_grad()

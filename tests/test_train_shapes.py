@@ -104,6 +104,10 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y.to(x.dtype))
     assert cont.sf == pipe.vae.config.scaling_factor and cont.run(minutes=5)
+    sample.export(cont, more / "model", log, final_eval=False)
+    card = (more / "model" / "README.md").read_text()
+    assert f"SHA-256 {json.loads((more / 'init.json').read_text())['sha256']}" in card
+    assert "History of the committed weights" in card and "kept from the weights this run continues" in card
 
 
 def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
