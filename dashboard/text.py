@@ -18,3 +18,8 @@ def escape_markdown(text: str) -> str:
 def plain(text: str) -> str:
     """A one-line label safe for widgets whose labels render markdown (radio options, captions)."""
     return escape_markdown(" ".join(str(text).split()))
+
+
+def definition_list(items: dict[str, str]) -> str:
+    """A markdown list of bold terms and their texts, for the app's own authored docs (never stored text)."""
+    return "\n".join(f"- **{term}**: {text}" for term, text in items.items())

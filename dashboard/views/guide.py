@@ -10,6 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from dashboard.text import definition_list
+
 SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 
 # page title -> (screenshot file, what the page answers, what the numbered marks on the screenshot show)
@@ -137,8 +139,6 @@ for name, (shot, text, marks) in PAGES.items():
         st.image(str(path), width="stretch", caption=f"{name}: the numbered marks are explained below.")
     st.markdown("\n".join(f"{i}. {m}" for i, m in enumerate(marks, 1)))
 st.header("Keyboard")
-for term, text in KEYBOARD.items():
-    st.markdown(f"**{term}**: {text}")
+st.markdown(definition_list(KEYBOARD))
 st.header("Glossary")
-for term, text in GLOSSARY.items():
-    st.markdown(f"**{term}**: {text}")
+st.markdown(definition_list(GLOSSARY))

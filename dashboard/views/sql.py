@@ -9,7 +9,7 @@ import plotly.express as px
 import streamlit as st
 
 from dashboard.state import guarded, store
-from dashboard.text import plain
+from dashboard.text import definition_list, plain
 from schema import USER_VIEWS, column_docs
 from store import QueryError, Results
 from store.sql import EXAMPLES
@@ -30,7 +30,7 @@ def examples_panel() -> None:
 def docs_panel() -> None:
     with st.expander("Views and columns"):
         for view, text in USER_VIEWS.items():
-            st.markdown(f"**`{view}`**: {text}")
+            st.markdown(definition_list({f"`{view}`": text}))
             if view in ("runs", "tokens", "word_step_stats", "cross_attention", "self_attention", "images"):
                 st.dataframe(
                     [{"column": c, "type": t, "meaning": d} for c, t, d in column_docs(view)],
