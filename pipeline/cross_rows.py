@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schema import RUN_FILES, TABLES, file_metadata
+from schema.codec import decode_maps, encode_maps
 from schema.layout import run_dir
 from schema.maps import ALL, combine_levels, halve, is_mid, level_label, level_order, level_weights
 from schema.stats import STAT_NAMES, map_stats
@@ -30,15 +31,25 @@ DAAM_VERSION = (1, 2)  # first schema version whose level 'all' is DAAM's formul
 UPGRADED_KEY = b"stepx.daam_all"  # cross_attention metadata: 'capture' (exact) or 'rebuilt' (from level means)
 
 
-def parquet_options(table: str) -> dict:
-    """Extra Parquet writer options per table: the float32 DAAM maps are never dictionary-encoded.
+DAAM_COLUMNS = ("daam_map", "daam_codes", "daam_scale")  # level 'all': float32 before 1.8, codes + scale from 1.8
 
-    Their values hardly repeat, so a dictionary only grows the file (shapes model: cross_attention
-    549 KB with it, 399 KB without; the level maps without DAAM rows take 238 KB).
+
+def parquet_options(table: str) -> dict:
+    """Extra Parquet writer options per table: the DAAM maps are never dictionary-encoded.
+
+    Their values hardly repeat, so a dictionary only grows the file (shapes model, float32 maps:
+    cross_attention 549 KB with it, 399 KB without; the level maps without DAAM rows take 238 KB).
     """
     if table != "cross_attention":
         return {}
-    return {"use_dictionary": [f.name for f in TABLES[table] if f.name != "daam_map"]}
+    return {"use_dictionary": [f.name for f in TABLES[table] if f.name not in DAAM_COLUMNS]}
+
+
+def stored_daam(daam: np.ndarray) -> np.ndarray:
+    """(tokens, h, w) DAAM maps as the store keeps them (schema.codec's uint16 round trip), so the statistics
+    written beside them describe exactly the maps a reader gets back; encoding them again gives the same codes."""
+    n = daam.shape[0]
+    return decode_maps(*encode_maps(daam.reshape(n, -1))).reshape(daam.shape)
 
 
 @dataclass
@@ -83,7 +94,8 @@ def add_cross_rows(
     levels: Mapping[str, LevelMaps],
     daam: np.ndarray,
 ) -> None:
-    """Append one step's cross_attention rows: one per token and level, then the DAAM map as level 'all'."""
+    """Append one step's cross_attention rows: one per token and level, then the DAAM map as level 'all'
+    (uint16 codes and a per-map scale; pass it through `stored_daam` first for statistics of the stored map)."""
     n = len(token_indices)
     down_up = [v for k, v in levels.items() if not is_mid(k)]
     rows = [(k, v.maps, v.layers, v.heads) for k, v in levels.items()]
@@ -101,7 +113,14 @@ def add_cross_rows(
         cross["layer_count"] += [layers] * n
         cross["head_count"] += [heads] * n
         cross["map"] += [None] * n if level == ALL else list(flat.astype(np.float16))
-        cross["daam_map"] += list(flat.astype(np.float32)) if level == ALL else [None] * n
+        cross["daam_map"] += [None] * n  # float32 maps are read in files before 1.8, never written
+        if level == ALL:
+            scales, codes = encode_maps(flat)
+            cross["daam_codes"] += list(codes)
+            cross["daam_scale"] += scales.tolist()
+        else:
+            cross["daam_codes"] += [None] * n
+            cross["daam_scale"] += [None] * n
         for s in STAT_NAMES:
             cross[s] += stats[s].tolist()
 
@@ -249,7 +268,7 @@ def upgrade_run(root: Path, run_id: str, write: Callable[..., None]) -> None:
     groups = word_groups(tokens)
     for step in sorted(steps):
         levels = dict(sorted(steps[step]["levels"].items(), key=lambda kv: level_order(_key(kv[0]))))
-        daam = rebuild_daam(levels, latent)
+        daam = stored_daam(rebuild_daam(levels, latent))
         add_cross_rows(cross, run_id, step, steps[step]["timestep"], token_indices, levels, daam)
         add_word_stats(words, run_id, step, groups, levels, daam)
     rows = max(1, len(cross["run_id"]) // max(1, len(steps)))

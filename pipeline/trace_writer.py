@@ -22,6 +22,7 @@ from pipeline.cross_rows import (
     parquet_options,
     rebuild_daam,
     step_levels,
+    stored_daam,
     word_groups,
 )
 from pipeline.index import update_index, work_folder, write_step
@@ -71,7 +72,7 @@ def build_tables(trace: Trace) -> dict[str, pa.Table]:
     token_indices = [t["token_index"] for t in tokens_rows if t["has_map"]]
     for rec in trace.steps:
         levels = step_levels(rec.cross, rec.cross_layers, rec.cross_heads)
-        daam = rec.daam if rec.daam is not None else rebuild_daam(levels, latent)  # synthetic traces
+        daam = stored_daam(rec.daam if rec.daam is not None else rebuild_daam(levels, latent))  # else synthetic
         add_cross_rows(cross, run_id, rec.step_index, rec.timestep, token_indices, levels, daam)
         add_word_stats(words, run_id, rec.step_index, groups, levels, daam)
 

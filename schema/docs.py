@@ -16,7 +16,8 @@ def markdown() -> str:
         out += [f"#### `{table}`", "", USER_VIEWS.get(table, ""), "", "| column | type | meaning |", "|---|---|---|"]
         out += [f"| `{name}` | {type_} | {doc} |" for name, type_, doc in column_docs(table)]
         out.append("")
-    out += ["#### `word_stats` (view)", "", USER_VIEWS["word_stats"], ""]
+    for view in ("word_stats", "daam_maps"):
+        out += [f"#### `{view}` (view)", "", USER_VIEWS[view], ""]
     return "\n".join(out)
 
 

@@ -19,7 +19,10 @@ import pyarrow as pa
 #      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256; optional
 #      probe_maps table (open-vocabulary probes, `stepx probe`)
 # 1.6: optional concept_maps table (ConceptAttention maps of FLUX.1 runs, `--concepts`)
-SCHEMA_VERSION = "1.6"
+# 1.8: cross_attention level 'all' stores its DAAM map as uint16 codes with a per-map scale (daam_codes,
+#      daam_scale; schema.codec, error <= 0.5/65535 of the map's max) instead of float32 daam_map, which is
+#      null from 1.8 on and still read in files of 1.2-1.7
+SCHEMA_VERSION = "1.8"
 VERSION_KEY = b"stepx.schema_version"
 
 
@@ -160,7 +163,19 @@ CROSS_ATTENTION = pa.schema(
         _f(
             "daam_map",
             pa.list_(pa.float32()),
-            "Level 'all' only: the token's DAAM map at this step on the latent grid, row-major (see README).",
+            "Level 'all' in files of schema 1.2-1.7: the DAAM map as float32. Null from 1.8 on (daam_codes); "
+            "the view daam_maps gives every run's DAAM maps as numbers.",
+        ),
+        _f(
+            "daam_codes",
+            pa.list_(pa.uint16()),
+            "Level 'all' only: the token's DAAM map at this step on the latent grid, row-major (see README), as "
+            "codes: value = code / 65535 * daam_scale (error <= 0.5/65535 of the map's max). Null before 1.8.",
+        ),
+        _f(
+            "daam_scale",
+            pa.float32(),
+            "Level 'all' only: the largest value of the DAAM map (code 65535); NaN for a map holding NaN or inf.",
         ),
         _f("mass", pa.float32(), "Mean of the map: share of the image's attention that went to the token."),
         _f("peak", pa.float32(), "Largest value of the map."),

@@ -3,10 +3,12 @@
 `runs`, `tokens` and `word_step_stats` read the store's index segments; `cross_attention`,
 `self_attention` and `images` read the own Parquet files of exactly the runs the index lists
 (complete but slower at scale), so every view shows the same runs; `word_stats` summarises
-`word_step_stats` over steps.
+`word_step_stats` over steps; `daam_maps` gives the DAAM maps of `cross_attention` as numbers.
 """
 
 from __future__ import annotations
+
+from schema.codec import MAP_CODE_MAX
 
 USER_VIEWS: dict[str, str] = {
     "runs": "One row per run: prompt, seed, steps, model, sizes, versions, timings, tags.",
@@ -18,6 +20,8 @@ USER_VIEWS: dict[str, str] = {
     "images": "Final images and per-step previews as encoded bytes.",
     "probe_maps": "Open-vocabulary probe maps (`stepx probe`): per probe token and step, beside the run.",
     "concept_maps": "ConceptAttention maps of FLUX.1 runs generated with `--concepts`: per concept and step.",
+    "daam_maps": "The DAAM map (level 'all') per run, step and token as float numbers, decoded from "
+    "cross_attention's uint16 codes (schema 1.8 on) or read as stored (float32 before).",
 }
 
 WORD_STATS_SQL = """
@@ -31,6 +35,17 @@ SELECT run_id, word_index, word, level,
        avg(spread)::FLOAT AS spread
 FROM word_step_stats
 GROUP BY run_id, word_index, word, level
+"""
+
+
+# The console's SQL view of the DAAM maps: schema.codec.decode_maps' formula, (code * scale) / 65535 in double
+# precision then float32, so it gives the same numbers as Store.cross_maps; older files' float32 maps as stored.
+DAAM_MAPS_SQL = f"""
+SELECT run_id, step_index, timestep, token_index, level_height, level_width, layer_count, head_count,
+       coalesce(daam_map, [(c * daam_scale::DOUBLE / {MAP_CODE_MAX})::FLOAT FOR c IN daam_codes]) AS daam_map,
+       mass, peak, entropy, centroid_x, centroid_y, spread
+FROM cross_attention
+WHERE level = 'all'
 """
 
 
@@ -69,6 +84,7 @@ def duckdb_type(t: object) -> str:
         return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
     simple = {
         pa.string(): "VARCHAR",
+        pa.uint16(): "USMALLINT",
         pa.int32(): "INTEGER",
         pa.int64(): "BIGINT",
         pa.float16(): "FLOAT",

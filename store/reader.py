@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schema import INDEX_TABLES, RUN_FILES, TABLES, SchemaVersionError, check_version
-from schema.codec import decode_rows
+from schema.codec import decode_maps, decode_rows
 from schema.layout import (
     MANIFEST,
     ManifestError,
@@ -45,7 +45,7 @@ from schema.maps import (
     combine_levels,
     level_weights,
 )
-from schema.views import WORD_STATS_SQL, empty_source, parquet_source, view_sql
+from schema.views import DAAM_MAPS_SQL, WORD_STATS_SQL, empty_source, parquet_source, view_sql
 from store.errors import IndexDamaged, Results, RunDataMissing, RunNotFound, StoreError, WordNotFound
 from store.sql import Limits, Source, run_query
 
@@ -480,6 +480,13 @@ class Store:
         """Columns this run's cross_attention file has (runs written before schema 1.2 lack the DAAM ones)."""
         return set(self._file(run_id, "cross_attention")[0].schema_arrow.names)
 
+    def _daam_columns(self, run_id: str) -> list[str]:
+        """The columns holding the run's DAAM maps: codes and scale (schema 1.8 on), float32 (1.2-1.7), or none."""
+        names = self._cross_columns(run_id)
+        if {"daam_codes", "daam_scale"} <= names:
+            return ["daam_codes", "daam_scale"]
+        return ["daam_map"] if "daam_map" in names else []
+
     def cross_maps(
         self,
         run_id: str,
@@ -497,11 +504,11 @@ class Store:
             raise StoreError(f"run {run_id}: token indices are whole numbers from 0 (or {ok}, the text share)")
         pos = {t: i for i, t in enumerate(tokens)}
         wanted = [lv for lv in levels or [] if lv != ALL]
-        has_daam = "daam_map" in self._cross_columns(run_id)
-        if levels is not None and ALL in levels and not has_daam:
+        daam_columns = self._daam_columns(run_id)
+        if levels is not None and ALL in levels and not daam_columns:
             raise StoreError(self._before_daam(run_id))
         columns = ["step_index", "token_index", "level", "level_height", "level_width", "map"]
-        table = self._read_rows(run_id, "cross_attention", step, columns + (["daam_map"] if has_daam else []))
+        table = self._read_rows(run_id, "cross_attention", step, columns + daam_columns)
         keep = pc.is_in(table.column("token_index"), pa.array(tokens, pa.int32()))
         if levels is None:
             keep = pc.and_(keep, pc.not_equal(table.column("level"), ALL))
@@ -523,10 +530,14 @@ class Store:
             idx = np.flatnonzero(lvl_col == level)
             h = int(table.column("level_height")[int(idx[0])].as_py())
             w = int(table.column("level_width")[int(idx[0])].as_py())
-            maps_col = table.column("daam_map" if level == ALL else "map").take(pa.array(idx)).combine_chunks()
-            flat = maps_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            maps_col = table.column(daam_columns[0] if level == ALL else "map").take(pa.array(idx)).combine_chunks()
+            flat = maps_col.flatten().to_numpy(zero_copy_only=False)
             if h <= 0 or w <= 0 or flat.size != len(idx) * h * w:  # checked before allocating (h, w) maps
                 raise RunDataMissing(f"run {run_id}: its {level} maps don't match their stored size {h}x{w}")
+            if level == ALL and daam_columns[0] == "daam_codes":
+                scales = table.column("daam_scale").take(pa.array(idx)).to_numpy(zero_copy_only=False)
+                flat = decode_maps(scales, flat.reshape(len(idx), h * w))
+            flat = flat.astype(np.float32, copy=False)
             arr = np.zeros((len(step_ids), len(tokens), h, w), dtype=np.float32)
             arr[[step_pos[s] for s in step_col[idx]], [pos[t] for t in tok_col[idx]]] = flat.reshape(len(idx), h, w)
             out[level] = arr
@@ -748,4 +759,4 @@ class Store:
     def sql_sources(self) -> tuple[dict[str, Source], dict[str, str]]:
         """What the SQL console shows: each table's Parquet files (the same as the views') and the SQL-defined views."""
         sources = {table: Source(tuple(paths), TABLES[table]) for table, paths in self._checked_files().items()}
-        return sources, {"word_stats": WORD_STATS_SQL}
+        return sources, {"word_stats": WORD_STATS_SQL, "daam_maps": DAAM_MAPS_SQL}

@@ -322,7 +322,7 @@ def test_readme_trace_sizes_are_a_shapes_run_on_disk(tmp_path):
     cross = _column_bytes(folder / "cross_attention.parquet")
     measured = {
         "run": (total / 1e6, total_mb),
-        "DAAM maps": (cross["daam_map"] / 1e3, daam_kb),
+        "DAAM maps": (sum(cross.get(c, 0) for c in ("daam_map", "daam_codes", "daam_scale")) / 1e3, daam_kb),
         "level maps": (cross["map"] / 1e3, level_kb),
         "self-attention": ((folder / "self_attention.parquet").stat().st_size / 1e6, self_mb),
     }

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from schema.codec import decode_rows, encode_rows
+from schema.codec import MAP_CODE_MAX, decode_maps, decode_rows, encode_maps, encode_rows
 from schema.maps import (
     AGGREGATIONS,
     aggregate_levels,
@@ -129,3 +129,31 @@ def test_row_codec_round_trip_within_half_a_step_of_the_row_max():
     err = np.abs(back - np.maximum(m, 0)).max(axis=1)
     assert (err <= scale / 510 + 1e-9).all()
     np.testing.assert_array_equal(back.max(axis=1), np.maximum(m, 0).max(axis=1))
+
+
+def test_map_codec_round_trip_within_half_a_code_of_the_map_max():
+    """DAAM maps as uint16 codes with a per-map scale: error <= 0.5/65535 of the map's max (plus float32 rounding),
+    the peak and zeros exact, an all-zero map all zero, negatives clamped, a map with NaN or inf all NaN."""
+    rng = np.random.default_rng(3)
+    maps = (rng.random((6, 64 * 64)) ** 6 * rng.uniform(1e-6, 50, (6, 1))).astype(np.float32)  # peaked, any scale
+    maps[1] = 0  # an all-zero map
+    maps[2, :100] = 0  # zeros inside a map
+    maps[3, 7] = -0.02  # bicubic undershoot that DAAM clamps
+    maps[4, 9] = np.nan
+    maps[5, 11] = np.inf
+    scales, codes = encode_maps(maps)
+    assert scales.dtype == np.float32 and codes.dtype == np.uint16 and codes.shape == maps.shape
+    back = decode_maps(scales, codes)
+    assert back.dtype == np.float32 and back.shape == maps.shape
+    exact = np.maximum(maps[:4], 0)
+    peak = exact.max(axis=1)
+    err = np.abs(back[:4] - exact).max(axis=1)
+    assert (err <= peak * (0.5 / MAP_CODE_MAX + 2**-23)).all(), err / np.maximum(peak, 1e-30) * MAP_CODE_MAX
+    assert err[0] > peak[0] * 0.4 / MAP_CODE_MAX  # the bound is tight: it is the codes, not an exact copy
+    np.testing.assert_array_equal(back[:4].max(axis=1), peak)  # the peak is the scale, exactly
+    assert scales[1] == 0 and not codes[1].any() and not back[1].any()
+    assert not back[2, :100].any() and back[3, 7] == 0
+    assert np.isnan(scales[4:]).all() and np.isnan(back[4:]).all() and not codes[4:].any()
+    np.testing.assert_array_equal(encode_maps(back[:4])[1], codes[:4])  # re-encoding stored maps changes nothing
+    with pytest.raises(ValueError, match="pixels"):
+        encode_maps(maps[0])

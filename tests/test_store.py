@@ -23,6 +23,7 @@ from PIL import Image
 from jobs.synth import synth_store
 from pipeline.index import rebuild_index, update_index
 from schema import SCHEMA_VERSION, SchemaVersionError
+from schema.codec import MAP_CODE_MAX
 from schema.maps import aggregate_levels
 from store import GLOBAL, IndexDamaged, RunDataMissing, RunNotFound, Store, WordNotFound
 
@@ -56,7 +57,9 @@ def test_round_trip_word_maps(traced_store):
     expected = rec.daam[circle].mean(axis=0)  # DAAM's map, computed by the capture
     got = store.word_map(rid, "circle", step=2)
     assert got.shape == (32, 32)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)  # stored as float32
+    # stored as uint16 codes per token map (schema.codec): each within 0.5/65535 of its map's max, plus rounding
+    bound = rec.daam[circle].reshape(len(circle), -1).max(axis=1).mean() * (0.5 / MAP_CODE_MAX + 2**-22)
+    assert np.abs(got - expected).max() <= bound
     # all steps = sum of steps; Global = all word tokens; one level only
     total = sum(store.word_map(rid, "circle", step=s) for s in range(4))
     np.testing.assert_allclose(store.word_map(rid, "circle"), total, rtol=1e-4, atol=1e-6)
@@ -423,3 +426,63 @@ def test_unindexed_run_folder_is_not_reachable(tmp_path):
         write_depth(tmp_path, "20990101-000000-abcdef", np.zeros((4, 4), np.float32), "m", "metric")
     assert not (tmp_path / "runs" / "20990101-000000-abcdef" / "depth.parquet").exists()
     assert store.sql("SELECT count(DISTINCT run_id) FROM images").rows == [(1,)]
+
+
+def _write_float32_daam(folder: Path, trace) -> None:
+    """Rewrite a run's cross_attention as schema 1.2-1.7 wrote it: the exact DAAM maps as float32 `daam_map`, no
+    codes or scale columns, the version 1.7 (what a store written before 1.8 holds)."""
+    import pyarrow as pa
+
+    path = folder / "cross_attention.parquet"
+    table = pq.read_table(path)
+    stored = [t.token_index for t in trace.tokens if t.has_map]
+    steps = {rec.step_index: rec for rec in trace.steps}
+    maps = [
+        steps[s].daam[stored.index(t)].reshape(-1).astype(np.float32) if level == "all" else None
+        for s, t, level in zip(
+            *(table.column(c).to_pylist() for c in ("step_index", "token_index", "level")), strict=True
+        )
+    ]
+    table = table.drop_columns(["daam_codes", "daam_scale"])
+    table = table.set_column(
+        table.schema.get_field_index("daam_map"), "daam_map", pa.array(maps, pa.list_(pa.float32()))
+    )
+    options = {"use_dictionary": [c for c in table.column_names if c != "daam_map"]}  # as 1.2-1.7 wrote it
+    old = table.replace_schema_metadata({b"stepx.schema_version": b"1.7"})
+    pq.write_table(old, path, row_group_size=table.num_rows // len(steps), **options)
+
+
+def test_float32_daam_maps_of_older_stores_stay_readable(tmp_path, traced_store):
+    """A run written before schema 1.8 (float32 daam_map) reads back exactly as stored, beside a 1.8 run (uint16
+    codes) in the same store, through Store.word_map and the SQL console's `daam_maps` and `cross_attention`."""
+    src, traces = traced_store
+    shutil.copytree(src, tmp_path / "store")
+    root = tmp_path / "store"
+    old_trace, new_trace = traces
+    old_id, new_id = old_trace.run["run_id"], new_trace.run["run_id"]
+    new_file = root / "runs" / new_id / "cross_attention.parquet"
+    assert {"daam_codes", "daam_scale"} <= set(pq.read_schema(new_file).names)
+    assert pq.read_table(new_file, columns=["daam_map"]).column(0).null_count == pq.read_metadata(new_file).num_rows
+    _write_float32_daam(root / "runs" / old_id, old_trace)
+    store = Store(root)
+    stored = [t for t in old_trace.tokens if t.has_map]
+    circle = [i for i, t in enumerate(stored) if t.word == "circle"]
+    for s, rec in enumerate(old_trace.steps):  # read as stored: bit for bit the float32 maps
+        np.testing.assert_array_equal(
+            store.cross_maps(old_id, [stored[i].token_index for i in circle], step=s, levels=["all"])["all"][0],
+            rec.daam[circle],
+        )
+    np.testing.assert_allclose(store.word_map(old_id, "circle", step=1), old_trace.steps[1].daam[circle].mean(axis=0))
+    # SQL: the view decodes the 1.8 run with the reader's formula and passes the old run's floats through
+    for rid, trace in ((old_id, old_trace), (new_id, new_trace)):
+        token = next(t.token_index for t in trace.tokens if t.has_map)
+        rows = store.sql(
+            f"SELECT step_index, level_height, level_width, daam_map FROM daam_maps WHERE run_id = '{rid}' "
+            f"AND token_index = {token} ORDER BY step_index"
+        ).rows
+        assert [r[0] for r in rows] == list(range(trace.run["steps"]))
+        for step, h, w, values in rows:
+            got = np.asarray(values, np.float32).reshape(h, w)
+            np.testing.assert_array_equal(got, store.cross_maps(rid, [token], step=step, levels=["all"])["all"][0, 0])
+    counts = store.sql("SELECT run_id, count(*) FROM cross_attention WHERE level = 'all' GROUP BY run_id").rows
+    assert dict(counts) == {t.run["run_id"]: t.run["steps"] * sum(x.has_map for x in t.tokens) for t in traces}
