@@ -1,23 +1,46 @@
 """Probes for a stored run (`stepx probe`, the queue's 'probe' jobs): the run and its final image are read through
-the store, the re-run and the side computation live in `pipeline.probe`, and the maps are written beside the run."""
+the store, the re-run and the side computation live in `pipeline.probe`, and the maps are written beside the run.
+
+A probe word with an optimised token in the model's `probe_tokens.safetensors` (`pipeline.probe_tokens`) uses
+it unless `plain`; tokens fitted to other weights are left unused, with a note saying so."""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.models import load_model
+from pipeline.models import get_spec, load_model, locate
 from pipeline.probe import compute_probes, probe_table, write_probes
+from pipeline.probe_tokens import TOKENS_FILE, ProbeTokens, ProbeTokensError
 from store import Store
 
 
+@dataclass
+class ProbeOutcome:
+    """Where the maps went, how each probe text was embedded ('encoded' / 'optimised'), and any note."""
+
+    path: Path
+    embeddings: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
 def probe_run(
-    root: Path, run_id: str, words: list[str], device: str | None = None, model_path: str | None = None
-) -> Path:
-    """Re-run a stored run with probes for `words` (ProbeRefused unless it reproduces) and store their maps."""
+    root: Path,
+    run_id: str,
+    words: list[str],
+    device: str | None = None,
+    model_path: str | None = None,
+    plain: bool = False,
+    tokens_path: Path | None = None,
+) -> ProbeOutcome:
+    """Re-run a stored run with probes for `words` (ProbeRefused unless it reproduces) and store their maps.
+
+    Optimised tokens come from `tokens_path` (ProbeTokensError when unusable) or else the model folder's tokens
+    file (skipped with a note when fitted to other weights); `plain` uses none."""
     store = Store(root)
     run = store.run(run_id)
     data, _fmt = store.image(run_id)
@@ -25,5 +48,19 @@ def probe_run(
     seed = run["model_id"].rsplit(":seed", 1)
     tiny_seed = int(seed[1]) if run["model_id"].startswith("in-process:") and len(seed) == 2 else 0
     model = load_model(run["model_name"], model_path, device or run["device"], tiny_seed=tiny_seed)
-    result, _final = compute_probes(model, run, stored, words)
-    return write_probes(root, run_id, probe_table(run_id, result))
+    notes: list[str] = []
+    optimised = None
+    if not plain:
+        if tokens_path is not None:
+            optimised = ProbeTokens.load(tokens_path).for_model(model)
+        else:
+            folder = locate(get_spec(run["model_name"]), model_path)
+            path = None if folder is None else folder / TOKENS_FILE
+            if path is not None and path.is_file():
+                try:
+                    optimised = ProbeTokens.load(path).for_model(model)
+                except ProbeTokensError as exc:
+                    notes.append(f"{path.name} not used: {exc}")
+    result, _final = compute_probes(model, run, stored, words, optimised)
+    path = write_probes(root, run_id, probe_table(run_id, result))
+    return ProbeOutcome(path, dict(zip(result.texts, result.embeddings or [], strict=True)), notes)

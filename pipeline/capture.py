@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.daam import daam_sum
+
 # capture's callers import the grid helpers from here too: re-exported with `x as x`
 from pipeline.grids import SELF_GRID_MAX_AREA as SELF_GRID_MAX_AREA
 from pipeline.grids import STEP_GRID_MAX_AREA as STEP_GRID_MAX_AREA
@@ -28,10 +30,8 @@ from pipeline.grids import plan_grids as plan_grids
 from pipeline.observe import CaptureAttnProcessor, CaptureError, wrap_processor
 from pipeline.trace import StepRecord
 from schema.maps import halve as halve
-from schema.maps import resize_matrix
 
 PENDING_BYTES = 64 * 2**20  # queued layers are softmaxed once their scores would exceed this
-DAAM_CHUNK_BYTES = 32 * 2**20  # (layer, head) maps upsampled together for the DAAM map, at most this much
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,6 @@ class AttentionRecorder:
     _cross_maps: dict[Level, int] = field(default_factory=dict)  # (layer, head) maps
     _daam: torch.Tensor | None = None  # sum of clamped, upsampled down/up (layer, head) maps
     _daam_n: int = 0
-    _resize: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # bicubic matrices
     _self_step: torch.Tensor | None = None
     _self_step_n: int = 0
     _self_layer: torch.Tensor | None = None  # this step's layers at the self grid (when coarser step grid)
@@ -205,35 +204,12 @@ class AttentionRecorder:
             self._cross_maps[level] = layers * heads
         if len(level) > 2:  # DAAM leaves the mid block out
             return
-        h, w = level[0], level[1]
-        latent = self.plan.latent
-        if (h, w) == tuple(latent):
-            daam = summed.reshape(-1, h, w)  # probabilities on the latent grid: nothing to upsample or clamp
-        else:
-            maps = kept.transpose(1, 2).reshape(kept.shape[0], kept.shape[2], h, w)  # (layers*heads, tokens, h, w)
-            wy, wx = self._resize_weights((h, w), probs.device)
-            chunk = max(1, DAAM_CHUNK_BYTES // (4 * kept.shape[2] * latent[0] * latent[1]))
-            daam = sum(
-                (wy @ maps[i : i + chunk] @ wx).clamp_(min=0).sum(dim=0) for i in range(0, maps.shape[0], chunk)
-            )  # (tokens, H, W)
+        daam = daam_sum(kept, (level[0], level[1]), self.plan.latent)  # (tokens, H, W)
         if self._daam is None:
             self._daam = daam.clone()  # never a view of the level sums, which grow in place
         else:
             self._daam += daam
         self._daam_n += kept.shape[0]
-
-    def _resize_weights(self, grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, h) and (w, W) bicubic matrices from grid to latent grid: schema.maps' (torch's) resampling.
-
-        Two small matmuls, not `F.interpolate`: ~10x faster on the CPU for these map sizes, same result.
-        """
-        key = (grid, str(device))
-        if key not in self._resize:
-            latent = self.plan.latent
-            wy = torch.tensor(resize_matrix(grid[0], latent[0]), dtype=torch.float32, device=device)
-            wx = torch.tensor(resize_matrix(grid[1], latent[1]), dtype=torch.float32, device=device)
-            self._resize[key] = (wy, wx.T.contiguous())
-        return self._resize[key]
 
     def _add_self(self, grid: Grid, summed: torch.Tensor, layers: int) -> None:
         """Add `layers` layers' head-mean self-attention (already summed) to this step's sums."""

@@ -17,6 +17,7 @@ import torch
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 EMBEDDED_DIR = DATA_DIR / "models" / "shapes"
+PROBE_TOKENS = "probe_tokens.safetensors"  # optimised probe tokens beside a model's weights (pipeline.probe_tokens)
 
 
 class ModelNotFoundError(RuntimeError):
@@ -208,10 +209,13 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """Hash of a pipeline folder's configs and weight-file headers and sizes (fast, content-specific)."""
+    """Hash of a pipeline folder's configs and weight-file headers and sizes (fast, content-specific).
+
+    Optimised probe tokens beside the weights (probe_tokens.safetensors) are left out: fitted to the weights,
+    they don't change what a generation computes."""
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
-        if not f.is_file() or f.suffix not in {".json", ".safetensors", ".bin", ".txt"}:
+        if not f.is_file() or f.suffix not in {".json", ".safetensors", ".bin", ".txt"} or f.name == PROBE_TOKENS:
             continue
         h.update(str(f.relative_to(path)).encode())
         h.update(str(f.stat().st_size).encode())

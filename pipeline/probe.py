@@ -6,6 +6,9 @@ prompt was (`pipe.encode_prompt`), through the layer's own `to_k` (LoRA included
 softmax over the probe text's positions, aggregated exactly as the prompt's DAAM maps are (`pipeline.capture`),
 so a probe whose text is the prompt reproduces the prompt's stored maps. The re-run must give the stored final
 image bit for bit, or the probe is refused with the reason.
+
+A one-word probe with an optimised token (OVAM's token optimisation, `pipeline.probe_tokens`) takes that token's
+vector in place of the text encoder's output at the word's position(s); its rows say 'optimised'.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,8 @@ from schema import RUN_FILES, TABLES, file_metadata
 from schema.layout import run_dir
 from schema.stats import map_stats
 
+ENCODED, OPTIMISED = "encoded", "optimised"  # probe_maps.probe_embedding
+
 
 class ProbeRefused(GenerationError):
     """The stored run can't be reproduced here, so no probe is computed (the message says why)."""
@@ -39,20 +44,32 @@ class ProbeRefused(GenerationError):
 
 @dataclass
 class ProbeResult:
-    """Per probe text: its tokens and the (steps, tokens, H, W) DAAM maps of its stored tokens."""
+    """Per probe text: its tokens, the (steps, tokens, H, W) DAAM maps of its stored tokens, and its embedding
+    ('encoded' by the text encoder, or 'optimised' from a tokens file)."""
 
     texts: list[str]
     tokens: list[list[TokenInfo]]
     maps: list[np.ndarray]
     timesteps: list[float]
+    embeddings: list[str] | None = None  # None: all 'encoded'
 
 
 class ProbeCapture(UnetCapture):
-    """UnetCapture whose cross-attention sinks take the image queries against each probe's keys."""
+    """UnetCapture whose cross-attention sinks take the image queries against each probe's keys.
 
-    def __init__(self, pipe: object, embeds: list[torch.Tensor], start: Callable) -> None:
+    With `keep_queries`, each down/up-block cross-attention layer's conditional image queries are also kept,
+    (step, layer name, level, (heads, queries, d) query, scale) per call, for probe-token optimisation.
+    """
+
+    def __init__(self, pipe: object, embeds: list[torch.Tensor], start: Callable, keep_queries: bool = False) -> None:
         super().__init__(pipe, start=start)
         self.embeds = embeds  # per probe recorder: (1, positions, dim) encoder states
+        self.queries: list[tuple[int, str, Level, torch.Tensor, float]] | None = [] if keep_queries else None
+        self.step = -1
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.step += 1
+        super()._pre_hook(module, args, kwargs)
 
     def _sink(self, kind: str, level: Level, name: str) -> Callable:
         if kind != "cross":
@@ -60,6 +77,10 @@ class ProbeCapture(UnetCapture):
         attn = self.unet.get_submodule(name)
 
         def sink(query: torch.Tensor, _key: torch.Tensor, _mask: torch.Tensor | None, scale: float) -> None:
+            if self.queries is not None and len(level) == 2:  # DAAM's layers: the mid block is left out
+                plan = self.recorders[0].plan
+                cond = (query.shape[0] // 2 if plan.cfg else 0) + plan.image_index
+                self.queries.append((self.step, name, level, query[cond].detach().float().clone(), scale))
             for rec, emb in zip(self.recorders, self.embeds, strict=True):
                 states = emb.to(device=query.device, dtype=query.dtype)
                 if attn.norm_cross:
@@ -78,10 +99,46 @@ def stored_config(run: dict) -> GenerationConfig:
     return GenerationConfig(**{k: v for k, v in cfg.items() if k in names})
 
 
+def word_positions(tokens: list[TokenInfo]) -> list[int]:
+    """Positions of a probe text's word pieces in its encoding."""
+    return [t.token_index for t in tokens if t.kind == "word"]
+
+
+def probe_embeds(
+    pipe: object, device: str, texts: Sequence[str], optimised: Mapping[str, torch.Tensor] | None = None
+) -> tuple[list[list[TokenInfo]], list[torch.Tensor], list[str]]:
+    """Per probe text: its tokens, its (1, positions, dim) encoder states and 'encoded' or 'optimised'.
+
+    A text encoded as the prompt is (`pipe.encode_prompt`); a text that has an optimised token (one vector per
+    word piece) takes those vectors at its word positions, the other positions staying the encoder's.
+    """
+    tokens = [prompt_tokens(pipe.tokenizer, t)[0] for t in texts]
+    embeds, kinds = [], []
+    with torch.no_grad():
+        for text, toks in zip(texts, tokens, strict=True):
+            emb = pipe.encode_prompt(text, device, 1, False)[0]  # the prompt's own encoding
+            vec = (optimised or {}).get(text.strip())
+            pos = word_positions(toks)
+            if vec is not None and len(pos) == vec.shape[0]:
+                emb = emb.clone()
+                emb[0, pos] = vec.to(device=emb.device, dtype=emb.dtype)
+                kinds.append(OPTIMISED)
+            else:
+                kinds.append(ENCODED)
+            embeds.append(emb)
+    return tokens, embeds, kinds
+
+
 def compute_probes(
-    model: LoadedModel, run: dict, stored_final: np.ndarray, texts: Sequence[str]
+    model: LoadedModel,
+    run: dict,
+    stored_final: np.ndarray,
+    texts: Sequence[str],
+    optimised: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[ProbeResult, np.ndarray]:
-    """Re-run `run` with probes for `texts`; raise ProbeRefused unless the final image reproduces bit for bit."""
+    """Re-run `run` with probes for `texts`; raise ProbeRefused unless the final image reproduces bit for bit.
+
+    `optimised` maps a one-word probe text to its optimised token vectors (`pipeline.probe_tokens`)."""
     if not texts:
         raise ValueError("no probe texts given")
     if run.get("architecture") not in (None, "unet"):
@@ -95,9 +152,7 @@ def compute_probes(
         )
     cfg = stored_config(run).resolved(model)
     pipe = model.pipe
-    tokens = [prompt_tokens(pipe.tokenizer, t)[0] for t in texts]
-    with torch.no_grad():
-        embeds = [pipe.encode_prompt(t, model.device, 1, False)[0] for t in texts]  # the prompt's own encoding
+    tokens, embeds, kinds = probe_embeds(pipe, model.device, texts, optimised)
 
     def start(sample: torch.Tensor) -> list[AttentionRecorder]:
         latent = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -132,14 +187,15 @@ def compute_probes(
             "a different device, library version or model state; no probe maps were stored"
         )
     maps = [np.stack([s.daam for s in rec.steps]) for rec in recorders]  # (steps, tokens, H, W)
-    return ProbeResult(list(texts), tokens, maps, [s.timestep for s in recorders[0].steps]), final
+    return ProbeResult(list(texts), tokens, maps, [s.timestep for s in recorders[0].steps], kinds), final
 
 
 def probe_table(run_id: str, result: ProbeResult) -> pa.Table:
     """The `probe_maps` rows of a probe result: one row per probe token and step (kind 'probe')."""
     schema = TABLES["probe_maps"]
     cols: dict[str, list] = {f.name: [] for f in schema}
-    for text, toks, maps in zip(result.texts, result.tokens, result.maps, strict=True):
+    kinds = result.embeddings or [ENCODED] * len(result.texts)
+    for text, toks, maps, emb in zip(result.texts, result.tokens, result.maps, kinds, strict=True):
         stored = [t for t in toks if t.has_map]
         for step, step_maps in enumerate(maps):
             stats = map_stats(step_maps)
@@ -153,6 +209,7 @@ def probe_table(run_id: str, result: ProbeResult) -> pa.Table:
                     "word": tok.word,
                     "kind": "probe",
                     "token_kind": tok.kind,
+                    "probe_embedding": emb,
                     "step_index": step,
                     "timestep": result.timesteps[step],
                     "map_height": step_maps.shape[1],

@@ -19,6 +19,7 @@ import pyarrow as pa
 #      scheduler_config, lora_adapters / lora_scales, controlnet, strength, init_image_sha256; optional
 #      probe_maps table (open-vocabulary probes, `stepx probe`)
 # 1.6: optional concept_maps table (ConceptAttention maps of FLUX.1 runs, `--concepts`)
+# 1.7: probe_maps.probe_embedding ('encoded' or 'optimised': OVAM probe tokens; null in older probe files)
 # 1.8: cross_attention level 'all' stores its DAAM map as uint16 codes with a per-map scale (daam_codes,
 #      daam_scale; schema.codec, error <= 0.5/65535 of the map's max) instead of float32 daam_map, which is
 #      null from 1.8 on and still read in files of 1.2-1.7
@@ -254,6 +255,13 @@ PROBE_MAPS = pa.schema(
         _f("word", pa.string(), "The probe word the piece belongs to."),
         _f("kind", pa.string(), "Always 'probe': not a prompt token (the tokens table holds those)."),
         _f("token_kind", pa.string(), "'start', 'word' or 'end' within the probe text."),
+        _f(
+            "probe_embedding",
+            pa.string(),
+            "'encoded': the probe text as the text encoder encodes it; 'optimised': the word's token optimised "
+            "against object masks of training-split images (OVAM), from the model's probe_tokens.safetensors. "
+            "Null in probe files older than schema 1.7 (encoded).",
+        ),
         _f("step_index", pa.int32(), "Denoising step, 0 = first.", False),
         _f("timestep", pa.float32(), "Scheduler timestep of that step."),
         _f("map_height", pa.int32(), "Map height (the latent grid)."),

@@ -1,6 +1,6 @@
 """Probe tokens for the shapes model: OVAM token optimisation on training-split scenes, and the lone-word probe rate.
 
-python -m shapes.probe_tune --scenes 48 --iterations 300   # writes data/models/shapes/probe_tokens.safetensors
+stepx probe-tune --scenes 64 --iterations 150   # writes data/models/shapes/probe_tokens.safetensors
 
 Annotations are generations of training scenes (`scenes.training_scene` with seeds far above the training data's)
 with each drawn object's mask as the checker finds it in the generated image (`check.check_image`), on the latent
@@ -9,17 +9,15 @@ grid. No evaluation scene is read while fitting; `probe_rate` measures a split a
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.generate import GenerationConfig, generate_trace
-from pipeline.models import LoadedModel, load_model, locate
+from pipeline.models import LoadedModel
 from pipeline.probe import OPTIMISED, compute_probes
-from pipeline.probe_tokens import TOKENS_FILE, Example, ProbeTokens, optimise_tokens, record_queries
+from pipeline.probe_tokens import Example, ProbeTokens, optimise_tokens, record_queries
 from schema.stats import map_stats
 from shapes import splits
 from shapes.check import check_image
@@ -68,8 +66,8 @@ def training_examples(
 
 def tune(
     model: LoadedModel,
-    scenes: int = 48,
-    iterations: int = 300,
+    scenes: int = 64,
+    iterations: int = 150,
     words: Sequence[str] = WORDS,
     log: Callable[[str], None] | None = None,
 ) -> ProbeTokens:
@@ -126,22 +124,3 @@ def probe_rate(
             counts["prompt_word_on_object"] += _on(mask, float(stats["centroid_x"][0]), float(stats["centroid_y"][0]))
     total = max(counts["objects"], 1)
     return {k: (v if k == "objects" else round(v / total, 3)) for k, v in counts.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Fit the shapes model's probe tokens and write them beside its weights (or --out)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=48, help="training scenes to annotate")
-    parser.add_argument("--iterations", type=int, default=300, help="Adam iterations per word")
-    parser.add_argument("--out", type=Path, default=None, help=f"tokens file (default: the model's {TOKENS_FILE})")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    model = load_model("shapes", device="cpu")
-    tokens = tune(model, args.scenes, args.iterations, log=print)
-    out = args.out or locate(model.spec) / TOKENS_FILE
-    print(tokens.save(out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
     stepx generate "a red circle on the left" --steps 20 --seed 1
     stepx runs | stepx show RUN | stepx sql "SELECT ..." | stepx index rebuild | stepx models
-    stepx probe RUN --words "dog, sky"
+    stepx probe RUN --words "dog, sky"        stepx probe-tune
 
 Torch is imported only by the commands that run a model. Every failure is one line on stderr: status 2
 for bad input, 1 when the store or machine cannot serve a valid request; unexpected errors also
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--words", required=True, help='comma-separated probe words, e.g. "dog, sky"')
     pr.add_argument("--model-path", help="folder holding the run's diffusers pipeline")
     pr.add_argument("--device", choices=["cpu", "cuda"], help="default: the run's own device")
+    pr.add_argument("--plain", action="store_true", help="encode every probe word; use no optimised token")
+    pr.add_argument("--tokens", type=Path, help="optimised tokens file (default: the model's probe_tokens.safetensors)")
+
+    pt = sub.add_parser("probe-tune", parents=[common], help="optimise the shapes model's probe tokens (OVAM)")
+    pt.add_argument("--scenes", type=count(1000), default=64, help="training scenes to generate and annotate")
+    pt.add_argument("--iterations", type=count(10_000), default=150, help="Adam iterations per word")
+    pt.add_argument("--out", type=Path, help="tokens file (default: data/models/shapes/probe_tokens.safetensors)")
 
     r = sub.add_parser("runs", parents=[common], help="list runs")
     r.add_argument("--search", type=_text, help="text in the prompt")
@@ -201,6 +208,7 @@ COMMANDS = {
     "jobs": jobs_cmd.cmd_jobs,
     "depth": run.cmd_depth,
     "probe": probe.cmd_probe,
+    "probe-tune": probe.cmd_probe_tune,
     "synth": run.cmd_synth,
 }
 

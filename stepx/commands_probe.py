@@ -1,8 +1,10 @@
-"""`stepx probe RUN --words "dog, sky"`: open-vocabulary maps for words not in a stored run's prompt."""
+"""`stepx probe RUN --words "dog, sky"`: open-vocabulary maps for words not in a stored run's prompt;
+`stepx probe-tune`: the shapes model's optimised probe tokens (OVAM), fitted on training scenes."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from schema.layout import store_root
 from schema.stats import map_stats
@@ -22,22 +24,57 @@ def cmd_probe(args: argparse.Namespace) -> int:
             check_prompt(w, "")
         except LimitError as exc:
             raise CliError(f"stepx probe: probe {w[:40]!r}: {exc}", 2) from None
+    if args.tokens is not None and args.plain:
+        raise CliError("stepx probe: --plain uses no optimised token; leave out --tokens", 2)
+    if args.tokens is not None and not args.tokens.is_file():
+        raise CliError(f"stepx probe: --tokens {args.tokens}: no such file", 2)
     open_store(args).run(args.run_id)  # an unknown run is one line before any model loads
     from jobs.probe import probe_run
     from pipeline.generate import check_device
     from pipeline.models import ModelNotFoundError
-    from pipeline.probe import ProbeRefused
+    from pipeline.probe import OPTIMISED, ProbeRefused
+    from pipeline.probe_tokens import ProbeTokensError
 
     check_device(args.device)
     try:
-        probe_run(store_root(args.store), args.run_id, words, args.device, args.model_path)
+        outcome = probe_run(
+            store_root(args.store), args.run_id, words, args.device, args.model_path, args.plain, args.tokens
+        )
     except ModelNotFoundError as exc:
         raise CliError(f"stepx probe: {exc}") from None
     except ProbeRefused as exc:
         raise CliError(f"stepx probe: refused: {exc}") from None
+    except ProbeTokensError as exc:
+        raise CliError(f"stepx probe: {exc}", 2) from None
+    for note in outcome.notes:
+        print(f"note: {note}", file=sys.stderr)
     store = open_store(args)
     for w in words:
         stats = map_stats(store.probe_map(args.run_id, w)[None])
         cx, cy, peak = (float(stats[k][0]) for k in ("centroid_x", "centroid_y", "peak"))
-        print(f"{w}: centroid x {cx:.2f} y {cy:.2f} (0-1), peak {peak:.4g}")
+        how = " (optimised token)" if outcome.embeddings.get(w) == OPTIMISED else ""
+        print(f"{w}{how}: centroid x {cx:.2f} y {cy:.2f} (0-1), peak {peak:.4g}")
+    return 0
+
+
+def cmd_probe_tune(args: argparse.Namespace) -> int:
+    """Fit the shapes model's probe tokens on generated training scenes and write the tokens file."""
+    import torch
+
+    from pipeline.models import ModelNotFoundError, load_model, locate
+    from pipeline.probe_tokens import TOKENS_FILE
+    from shapes.probe_tune import tune
+
+    if args.out is not None and not args.out.parent.is_dir():
+        raise CliError(f"stepx probe-tune: --out {args.out}: no such folder", 2)
+    torch.set_num_threads(1)  # small ops: threads cost more than they give
+    try:
+        model = load_model("shapes", device="cpu")
+    except ModelNotFoundError as exc:
+        raise CliError(f"stepx probe-tune: {exc}") from None
+    tokens = tune(model, args.scenes, args.iterations, log=lambda line: print(line, file=sys.stderr))
+    out = tokens.save(args.out or locate(model.spec) / TOKENS_FILE)
+    for word, rec in tokens.meta["words"].items():
+        print(f"{word}: {rec['examples']} images, loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f}")
+    print(out)
     return 0

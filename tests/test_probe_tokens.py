@@ -1,0 +1,169 @@
+"""Probe-token optimisation (OVAM): the loss's map is the stored probe map (one DAAM aggregation), optimisation
+lowers the loss, tokens files round-trip and refuse other weights, and a probe with an optimised token says so in
+its stored table, in SQL and on the command line (a plain probe stays available)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.generate import GenerationConfig, generate_trace
+from pipeline.models import folder_fingerprint, load_model
+from pipeline.probe import ENCODED, OPTIMISED, compute_probes, probe_embeds, word_positions
+from pipeline.probe_tokens import (
+    TOKENS_FILE,
+    Example,
+    ProbeTokens,
+    ProbeTokensError,
+    optimise_tokens,
+    probe_heat,
+    record_queries,
+)
+from pipeline.trace_writer import write_trace
+from schema.layout import run_dir
+from store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPX = str(ROOT / ".venv" / "bin" / "stepx")
+PROMPT = "a red circle on the left"
+CFG = GenerationConfig(PROMPT, seed=3, steps=3, guidance=3.0)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny-random run in a fresh store, its recorded queries, and a 'dog' token fitted to the left half."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("store")
+    model = load_model("tiny-random", device="cpu")
+    trace = generate_trace(model, CFG)
+    write_trace(root, trace)
+    queries = record_queries(model, CFG)
+    mask = np.zeros(queries.latent, dtype=np.float32)
+    mask[:, : queries.latent[1] // 2] = 1  # "the dog is on the left"
+    tokens = optimise_tokens(model, ["dog"], [Example(queries, {"dog": mask}, "left half")], iterations=25, lr=0.1)
+    path = tokens.save(tmp_path_factory.mktemp("tokens") / TOKENS_FILE)
+    return root, model, trace, queries, tokens, path
+
+
+def test_recorded_queries_are_the_untouched_generation(tuned):
+    _root, _model, trace, queries, _tokens, _path = tuned
+    assert np.array_equal(queries.image, np.asarray(trace.final))
+    steps = {q.shape[0] for q in queries.queries.values()}
+    assert steps == {3} and not any("mid_block" in name for name in queries.layers)  # DAAM leaves the mid block out
+
+
+def test_loss_map_is_the_stored_probe_map(tuned):
+    """The map the optimisation fits is, to float rounding, the map `compute_probes` stores (plain and optimised)."""
+    _root, model, trace, queries, tokens, _path = tuned
+    image = np.asarray(trace.final)
+    for optimised, kind in ((None, ENCODED), (tokens.vectors, OPTIMISED)):
+        result, _ = compute_probes(model, trace.run, image, ["dog"], optimised)
+        assert result.embeddings == [kind]
+        toks, embeds, kinds = probe_embeds(model.pipe, "cpu", ["dog"], optimised)
+        assert kinds == [kind]
+        keep = word_positions(toks[0])
+        with torch.no_grad():
+            heat = probe_heat(model.pipe.unet, queries, embeds[0][0], keep).numpy()
+        stored = [t for t in result.tokens[0] if t.has_map]
+        word = [j for j, t in enumerate(stored) if t.kind == "word"]
+        np.testing.assert_allclose(heat, result.maps[0][:, word].mean(axis=1).sum(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_optimisation_lowers_the_loss_and_tokens_round_trip(tuned, tmp_path):
+    _root, model, _trace, _queries, tokens, path = tuned
+    record = tokens.meta["words"]["dog"]
+    assert record["loss_after"] < 0.9 * record["loss_before"], record
+    assert record["iterations"] == 25 and record["sources"] == ["left half"]
+    loaded = ProbeTokens.load(path)
+    assert loaded.meta == json.loads(json.dumps(tokens.meta))
+    assert torch.equal(loaded.vectors["dog"], tokens.vectors["dog"].float())
+    assert loaded.vectors["dog"].shape == (1, model.pipe.text_encoder.config.hidden_size)
+    assert loaded.for_model(model)["dog"] is loaded.vectors["dog"]
+    other = load_model("tiny-random", device="cpu", tiny_seed=1)
+    with pytest.raises(ProbeTokensError, match="other weights"):
+        loaded.for_model(other)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tokens file")
+    with pytest.raises(ProbeTokensError, match="not a probe tokens file"):
+        ProbeTokens.load(junk)
+
+
+def test_tokens_file_is_left_out_of_the_model_fingerprint(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.safetensors").write_bytes(b"weights")
+    before = folder_fingerprint(tmp_path)
+    (tmp_path / TOKENS_FILE).write_bytes(b"tokens")
+    assert folder_fingerprint(tmp_path) == before
+    (tmp_path / "unet" / "model.safetensors").write_bytes(b"other weights")
+    assert folder_fingerprint(tmp_path) != before
+
+
+def _sql(root: Path, query: str) -> list[dict]:
+    out = subprocess.run(
+        [STEPX, "sql", query, "--store", str(root), "--format", "json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.slow
+def test_cli_probe_with_an_optimised_token_is_marked_in_table_sql_and_output(tuned, tmp_path):
+    root, _model, trace, _queries, _tokens, path = tuned
+    run_id = trace.run["run_id"]
+    cmd = [STEPX, "probe", run_id, "--words", "dog, sky", "--store", str(root)]
+    out = subprocess.run([*cmd, "--tokens", str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("dog (optimised token): centroid") and lines[1].startswith("sky: centroid"), lines
+    table = pq.read_table(run_dir(root, run_id) / "probe_maps.parquet")
+    kinds = {(p, e) for p, e in zip(table["probe"].to_pylist(), table["probe_embedding"].to_pylist(), strict=True)}
+    assert kinds == {("dog", OPTIMISED), ("sky", ENCODED)}
+    rows = _sql(root, "SELECT DISTINCT probe, probe_embedding FROM probe_maps ORDER BY probe")
+    assert rows == [{"probe": "dog", "probe_embedding": "optimised"}, {"probe": "sky", "probe_embedding": "encoded"}]
+    optimised_map = Store(root).probe_map(run_id, "dog")
+
+    plain = subprocess.run([*cmd, "--plain"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.splitlines()[0].startswith("dog: centroid"), plain.stdout
+    rows = _sql(root, "SELECT DISTINCT probe, probe_embedding FROM probe_maps ORDER BY probe")
+    assert rows == [{"probe": "dog", "probe_embedding": "encoded"}, {"probe": "sky", "probe_embedding": "encoded"}]
+    assert not np.allclose(Store(root).probe_map(run_id, "dog"), optimised_map)
+
+    both = subprocess.run([*cmd, "--plain", "--tokens", str(path)], capture_output=True, text=True)
+    missing = subprocess.run([*cmd, "--tokens", str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    other = ProbeTokens.load(path)
+    other.meta["model_fingerprint"] = "0" * 16
+    stale = subprocess.run(
+        [*cmd, "--tokens", str(other.save(tmp_path / "other.safetensors"))], capture_output=True, text=True
+    )
+    for bad, says in ((both, "--plain"), (missing, "no such file"), (stale, "other weights")):
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and says in bad.stderr, bad.stderr
+
+
+def test_probe_file_without_the_embedding_column_still_reads(tuned, tmp_path):
+    """A probe file written before schema 1.7 has no probe_embedding column: it reads, as null."""
+    import shutil
+
+    from jobs.probe import probe_run
+    from schema.tables import conform
+
+    root, _model, trace, _queries, _tokens, _path = tuned
+    run_id = trace.run["run_id"]
+    outcome = probe_run(root, run_id, ["cat"])  # the Inspect queue's path; tiny-random has no tokens file
+    assert outcome.embeddings == {"cat": ENCODED} and outcome.notes == []
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    file = run_dir(copy, run_id) / "probe_maps.parquet"
+    old = pq.read_table(file)
+    old = old.drop_columns(["probe_embedding"]).replace_schema_metadata({b"stepx.schema_version": b"1.6"})
+    pq.write_table(old, file)
+    assert "cat" in Store(copy).probes(run_id)
+    assert Store(copy).probe_map(run_id, "cat").shape == tuple(trace.run[k] for k in ("latent_height", "latent_width"))
+    assert set(conform("probe_maps", pq.read_table(file))["probe_embedding"].to_pylist()) == {None}
