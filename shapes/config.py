@@ -8,6 +8,7 @@ recipe settled (terms switched on at given steps); that history is told in `card
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ class Config:
     eval_steps: int = 20  # sampling steps (DPM-Solver++), as StepX generates
 
     def __post_init__(self) -> None:
+        if self.init_from:  # absolute: the work folder's config.json outlives the directory it was made from
+            self.init_from = str(Path(self.init_from).resolve())
         for name in ("threads", "n_scenes", "batch", "vae_batch", "steps", "ckpt_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Config.{name} must be at least 1, not {getattr(self, name)}")
@@ -191,3 +194,11 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"--set {key}={raw}: {err}") from err
     return Config(**values)
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """The learning rate's multiplier at `step`: linear warm-up, then constant or cosine to `lr_final`."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
+    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))

@@ -6,6 +6,11 @@ exported pipeline loads and traces like any SD 1.x model.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -95,3 +100,25 @@ def unet_layout_text(cfg: Config) -> str:
         f"{', '.join(down) or 'no level'}, in the up path at {', '.join(up) or 'no level'}"
         + (f", and in the mid block at {sides[-1]} x {sides[-1]}" if mid else ", none in the mid block")
     )
+
+
+def start_from_export(folder: Path, text: CLIPTextModel, unet: UNet2DConditionModel, record: Path) -> str:
+    """Load an exported pipeline's text encoder and UNet (float32) into `text` and `unet`, to continue from.
+
+    The weights' digest is written to `record` at first use (the run's export may later overwrite the
+    folder) and returned with the folder, as JSON.
+    """
+    text.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).state_dict())
+    if not record.exists():
+        record.write_text(json.dumps({"from": str(folder), "sha256": weights_digest(folder)}), "utf-8")
+    return record.read_text("utf-8")
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over an exported pipeline's weight files (sorted by path): which weights a run began from."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

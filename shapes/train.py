@@ -22,9 +22,7 @@ as a diffusers `StableDiffusionPipeline` (safetensors) with a README model card 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -37,40 +35,13 @@ import numpy as np
 import torch
 
 from shapes import scenes
-from shapes.config import Config, ConfigError, TrainState, apply_overrides, load_config
+from shapes.config import Config, ConfigError, TrainState, apply_overrides, load_config, lr_factor
 from shapes.data import build_data, caption_tokens, count_pools, sample_batch, scene_seed, shape_twin
 from shapes.losses import AttentionStore, grounding_loss, install_recorder
-from shapes.model import make_text_encoder, make_tokenizer, make_train_scheduler, make_unet
+from shapes.model import make_text_encoder, make_tokenizer, make_train_scheduler, make_unet, start_from_export
 from shapes.sample import evaluate, export
 from shapes.util import DEFAULT_OUT, DEFAULT_WORK, Logger, atomic_save, to_tensor_images
 from shapes.vae import train_vae
-
-
-def lr_factor(cfg: Config, step: int) -> float:
-    """The learning rate's multiplier at `step`: linear warm-up, then constant or cosine to `lr_final`."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
-    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def exported_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Text-encoder and UNet state dicts (float32) of an exported shapes pipeline, to continue from."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
-    return text.state_dict(), unet.state_dict()
-
-
-def weights_digest(folder: Path) -> str:
-    """SHA-256 over an exported pipeline's weight files (sorted by path): which weights a run began from."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 class Trainer:
@@ -90,13 +61,7 @@ class Trainer:
         self.text = make_text_encoder(cfg).to(self.device)
         self.unet = make_unet(cfg).to(self.device)
         if cfg.init_from:
-            text_state, unet_state = exported_weights(Path(cfg.init_from))
-            self.text.load_state_dict(text_state)
-            self.unet.load_state_dict(unet_state)
-            if not (work / "init.json").exists():  # the folder may be overwritten by this run's export
-                digest = weights_digest(Path(cfg.init_from))
-                (work / "init.json").write_text(json.dumps({"from": cfg.init_from, "sha256": digest}), "utf-8")
-            log(f"init: text encoder and UNet from {cfg.init_from} ({(work / 'init.json').read_text('utf-8')})")
+            log(f"init: {start_from_export(Path(cfg.init_from), self.text, self.unet, work / 'init.json')}")
         self.ema_text = make_text_encoder(cfg).to(self.device)
         self.ema_unet = make_unet(cfg).to(self.device)
         self.ema_text.load_state_dict(self.text.state_dict())
@@ -373,8 +338,6 @@ def run_config(work: Path, overrides: list[str], log: Logger) -> Config:
             log("note: --set ignored, the work folder already has config.json")
         return load_config(path)
     cfg = apply_overrides(Config(), overrides)
-    if cfg.init_from:
-        cfg.init_from = str(Path(cfg.init_from).resolve())  # the work folder outlives the directory it was made from
     path.write_text(cfg.to_json(), encoding="utf-8")
     return cfg
 

@@ -111,7 +111,7 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
 
 
 def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
-    from shapes.train import lr_factor
+    from shapes.config import lr_factor
 
     cfg = replace(MINI, warmup=10, steps=110)
     assert [lr_factor(cfg, s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
