@@ -85,42 +85,60 @@ def _on(mask: np.ndarray, x: float, y: float) -> bool:
     return bool(mask[min(h - 1, int(y * h)), min(w - 1, int(x * w))])
 
 
+def _centroid_on(heat: np.ndarray, mask: np.ndarray) -> bool:
+    stats = map_stats(heat[None])
+    return _on(mask, float(stats["centroid_x"][0]), float(stats["centroid_y"][0]))
+
+
+def _peak_on(heat: np.ndarray, mask: np.ndarray) -> bool:
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return _on(mask, (px + 0.5) / heat.shape[1], (py + 0.5) / heat.shape[0])
+
+
 def probe_rate(
     model: LoadedModel, split: str, n: int, optimised: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, float]:
-    """Over the first noise seed of n scenes of a split: per drawn object whose shape is unique in its scene, how
-    often the lone shape word's probe map ("square") has its centroid / its peak on the object, plain and (given
-    `optimised`) with optimised tokens, beside the prompt's own word's map."""
-    counts = dict.fromkeys(["objects", "on_object", "peak_on_object", "prompt_word_on_object"], 0)
-    if optimised:
-        counts |= {"optimised_on_object": 0, "optimised_peak_on_object": 0}
+) -> dict[str, dict[str, float]]:
+    """Lone-word probes on the first noise seed of n scenes of a split, per kind of word ('shape', 'colour').
+
+    Per drawn object (of the right colour) named by a word unique in its scene (its shape; its colour, always
+    unique), how often the lone word's probe map ("square", "red") has its centroid / its peak on the object:
+    plain ('on_object', 'peak_on_object') and, given `optimised`, with the optimised tokens ('optimised_...'),
+    beside the same word's map inside the prompt ('prompt_word_on_object').
+    """
+    keys = ["objects", "on_object", "peak_on_object", "prompt_word_on_object"]
+    keys += ["optimised_on_object", "optimised_peak_on_object"] if optimised else []
+    counts = {kind: dict.fromkeys(keys, 0) for kind in ("shape", "colour")}
     for i, scene in enumerate(splits.suite(split, n)):
         trace = generate_trace(model, GenerationConfig(scene.caption, seed=splits.noise_seeds(split, i, 1)[0]))
         image = np.asarray(trace.final)
         checks = check_image(image, parse_caption(scene.caption)).objects
-        names = [o.spec.shape for o in scene.objects]
-        probes = [s for s in dict.fromkeys(names) if names.count(s) == 1 and checks[names.index(s)].colour_ok]
+        shapes = [c.spec.shape for c in checks]
+        probes = {}  # word -> (kind, object mask)
+        for c in checks:
+            if c.colour_ok:
+                probes[c.spec.colour] = ("colour", c.mask)
+                if shapes.count(c.spec.shape) == 1:
+                    probes[c.spec.shape] = ("shape", c.mask)
         if not probes:
             continue
-        kept = [t for t in trace.tokens if t.has_map]
-        runs = {"": compute_probes(model, trace.run, image, probes)[0]}
+        words = list(probes)
+        runs = {"": compute_probes(model, trace.run, image, words)[0]}
         if optimised:
-            result = compute_probes(model, trace.run, image, probes, optimised)[0]
-            assert result.embeddings == [OPTIMISED] * len(probes), result.embeddings
-            runs["optimised_"] = result
-        for k, shape in enumerate(probes):
-            mask = checks[names.index(shape)].mask
-            counts["objects"] += 1
+            runs["optimised_"] = compute_probes(model, trace.run, image, words, optimised)[0]
+            assert runs["optimised_"].embeddings == [OPTIMISED] * len(words), runs["optimised_"].embeddings
+        kept = [t for t in trace.tokens if t.has_map]
+        for k, word in enumerate(words):
+            kind, mask = probes[word]
+            tally = counts[kind]
+            tally["objects"] += 1
             for prefix, result in runs.items():
-                word = [j for j, t in enumerate(t for t in result.tokens[k] if t.has_map) if t.kind == "word"]
-                heat = result.maps[k][:, word].mean(axis=1).sum(axis=0)
-                stats = map_stats(heat[None])
-                counts[prefix + "on_object"] += _on(mask, float(stats["centroid_x"][0]), float(stats["centroid_y"][0]))
-                py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                counts[prefix + "peak_on_object"] += _on(mask, (px + 0.5) / heat.shape[1], (py + 0.5) / heat.shape[0])
-            own = [j for j, t in enumerate(kept) if t.kind == "word" and t.word == shape]
-            heat = sum(s.daam[own].mean(axis=0) for s in trace.steps)
-            stats = map_stats(heat[None])
-            counts["prompt_word_on_object"] += _on(mask, float(stats["centroid_x"][0]), float(stats["centroid_y"][0]))
-    total = max(counts["objects"], 1)
-    return {k: (v if k == "objects" else round(v / total, 3)) for k, v in counts.items()}
+                pieces = [j for j, t in enumerate(t for t in result.tokens[k] if t.has_map) if t.kind == "word"]
+                heat = result.maps[k][:, pieces].mean(axis=1).sum(axis=0)
+                tally[prefix + "on_object"] += _centroid_on(heat, mask)
+                tally[prefix + "peak_on_object"] += _peak_on(heat, mask)
+            own = [j for j, t in enumerate(kept) if t.kind == "word" and t.word == word]
+            tally["prompt_word_on_object"] += _centroid_on(sum(s.daam[own].mean(axis=0) for s in trace.steps), mask)
+    return {
+        kind: {k: (v if k == "objects" else round(v / max(c["objects"], 1), 3)) for k, v in c.items()}
+        for kind, c in counts.items()
+    }

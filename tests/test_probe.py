@@ -119,65 +119,47 @@ def test_cli_probe_without_words_is_one_line(probed, words):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--words" in out.stderr
 
 
-def shape_probe_rate(root: Path, n: int, template: str = "{}") -> dict[str, float]:
-    """On the shapes model's test split (first noise seed of each of n scenes): per object whose shape is the only
-    one of its kind in the scene and that was drawn, whether the probe of its shape noun alone ("square") puts its
-    map's centroid on the drawn object, and whether that centroid is nearer its centre than any other object's."""
-    from schema.stats import map_stats
-    from shapes import splits
-    from shapes.check import check_image
-    from shapes.scenes import parse_caption
+@pytest.fixture(scope="module")
+def test_split_rates():
+    """Lone-word probe rates on the shapes model over the first noise seed of 30 test-split scenes, plain and with
+    the shipped optimised tokens (fitted on training scenes only: data/models/shapes/probe_tokens.safetensors)."""
+    from pipeline.models import EMBEDDED_DIR
+    from pipeline.probe_tokens import TOKENS_FILE, ProbeTokens
+    from shapes.probe_tune import probe_rate
 
+    torch.set_num_threads(1)
     model = load_model("shapes", device="cpu")
-    store = Store(root)
-    on, nearest, total, prompt_on = 0, 0, 0, 0
-    for i, scene in enumerate(splits.suite("test", n)):
-        seed = splits.noise_seeds("test", i, 1)[0]
-        run_id = write_trace(root, generate_trace(model, GenerationConfig(scene.caption, seed=seed))).run_id
-        image = _stored_final(store, run_id)
-        checks = check_image(image, parse_caption(scene.caption)).objects
-        names = [o.spec.shape for o in scene.objects]
-        probes = [s for s in dict.fromkeys(names) if names.count(s) == 1]
-        if not probes:
-            continue
-        result, _ = compute_probes(model, store.run(run_id), image, [template.format(p) for p in probes])
-        for shape, text, maps in zip(probes, result.texts, result.maps, strict=True):
-            j = names.index(shape)
-            if not checks[j].colour_ok:  # not drawn: nothing to land on
-                continue
-            stored = [t for t in result.tokens[result.texts.index(text)] if t.has_map]
-            word = [k for k, t in enumerate(stored) if t.kind == "word" and t.word == shape]
-            heat = maps[:, word].mean(axis=1).sum(axis=0)
-            stats = map_stats(heat[None])
-            cx, cy = float(stats["centroid_x"][0]), float(stats["centroid_y"][0])
-            h, w = image.shape[:2]
-            total += 1
-            on += bool(checks[j].mask[min(h - 1, int(cy * h)), min(w - 1, int(cx * w))])
-            dists = [np.hypot(cx * w - o.centre[0], cy * h - o.centre[1]) for o in scene.objects]
-            nearest += int(np.argmin(dists)) == j
-            own = map_stats(store.word_map(run_id, shape)[None])  # the prompt's own word, for comparison
-            px, py = float(own["centroid_x"][0]) * w, float(own["centroid_y"][0]) * h
-            prompt_on += bool(checks[j].mask[min(h - 1, int(py)), min(w - 1, int(px))])
-    return {
-        "objects": total,
-        "on_object": on / max(total, 1),
-        "nearest_object": nearest / max(total, 1),
-        "prompt_word_on_object": prompt_on / max(total, 1),
-    }
+    tokens = ProbeTokens.load(EMBEDDED_DIR / TOKENS_FILE)
+    assert all(src.startswith("training_scene(") for rec in tokens.meta["words"].values() for src in rec["sources"])
+    rates = probe_rate(model, "test", 30, tokens.for_model(model))
+    print(rates)
+    return rates
+
+
+@pytest.mark.slow
+def test_optimised_colour_probe_lands_on_its_object(test_split_rates):
+    """A lone colour word ("red") with its optimised token puts its map's centroid on the object of that colour
+    (measured 2026-12-01 over 60 objects
+    of 30 test scenes: optimised 100%, plain 60%, the prompt's own word 100%)."""
+    colour = test_split_rates["colour"]
+    assert colour["objects"] >= 20 and colour["prompt_word_on_object"] >= 0.8, colour
+    assert colour["optimised_on_object"] >= 0.8 and colour["optimised_on_object"] > colour["on_object"], colour
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="measured 2026-12-01 over 31 objects of 30 test scenes: 'square' alone lands on its object 55% "
-    "(nearest object 58%; 'a square' 32%), the prompt's own word 97%: below the 80% target",
+    reason="measured 2026-12-01 over 31 objects of 30 test scenes: optimised 'square' 42%, plain 55%, the prompt's "
+    "own word 97%: the model's image queries hardly separate shapes (a free key per layer, fitted to 20 training "
+    "images of circles, centres only 55% of them on the circle), so no single token reaches 80%",
 )
-def test_shape_probe_lands_on_its_object(tmp_path):
-    torch.set_num_threads(1)
-    rates = shape_probe_rate(tmp_path, 30)
-    print(rates)
-    assert rates["objects"] >= 20 and rates["prompt_word_on_object"] >= 0.8, rates
-    assert rates["on_object"] >= 0.8, rates
+def test_shape_probe_lands_on_its_object(test_split_rates):
+    """A lone shape word ("square") with its optimised token puts its map's centroid on its object (measured
+    2026-12-01 over 31 objects of 30 test scenes: optimised 42%, plain 55%; validation, 43 objects of 40 scenes:
+    optimised 49%, plain 47%)."""
+    shape = test_split_rates["shape"]
+    assert shape["objects"] >= 20 and shape["prompt_word_on_object"] >= 0.8, shape
+    assert shape["optimised_on_object"] >= 0.8, shape
 
 
 def test_probe_queued_from_inspect_and_run_by_the_worker(probed, monkeypatch):
