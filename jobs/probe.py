@@ -14,9 +14,15 @@ import numpy as np
 from PIL import Image
 
 from pipeline.models import get_spec, load_model, locate
-from pipeline.probe import compute_probes, probe_table, write_probes
-from pipeline.probe_tokens import TOKENS_FILE, ProbeTokens, ProbeTokensError
+from pipeline.probe import ProbeRefused, check_reproducible, compute_probes, probe_table, stored_config, write_probes
+from pipeline.probe_tokens import TOKENS_FILE, Example, ProbeTokens, ProbeTokensError, record_queries
 from store import Store
+
+
+def _tiny_seed(run: dict) -> int:
+    """The seed an in-process model of the run was built with (0 for others)."""
+    seed = run["model_id"].rsplit(":seed", 1)
+    return int(seed[1]) if run["model_id"].startswith("in-process:") and len(seed) == 2 else 0
 
 
 @dataclass
@@ -45,9 +51,7 @@ def probe_run(
     run = store.run(run_id)
     data, _fmt = store.image(run_id)
     stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    seed = run["model_id"].rsplit(":seed", 1)
-    tiny_seed = int(seed[1]) if run["model_id"].startswith("in-process:") and len(seed) == 2 else 0
-    model = load_model(run["model_name"], model_path, device or run["device"], tiny_seed=tiny_seed)
+    model = load_model(run["model_name"], model_path, device or run["device"], tiny_seed=_tiny_seed(run))
     notes: list[str] = []
     optimised = None
     if not plain:
@@ -64,3 +68,32 @@ def probe_run(
     result, _final = compute_probes(model, run, stored, words, optimised)
     path = write_probes(root, run_id, probe_table(run_id, result))
     return ProbeOutcome(path, dict(zip(result.texts, result.embeddings or [], strict=True)), notes)
+
+
+def annotated_runs(root: Path, masks: dict[str, dict[str, np.ndarray]], device: str | None = None) -> list[Example]:
+    """Examples for `pipeline.probe_tokens.optimise_tokens` from stored runs: run id -> {word: boolean mask}.
+
+    Each run is re-generated from its stored config with its queries kept (ProbeRefused unless the final image is
+    the stored one bit for bit); a mask of any size is resized to the run's latent grid (share of each cell covered).
+    """
+    store = Store(root)
+    examples, models = [], {}
+    for run_id, by_word in masks.items():
+        run = store.run(run_id)
+        data, _fmt = store.image(run_id)
+        stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        key = (run["model_name"], device or run["device"], _tiny_seed(run))
+        if key not in models:
+            models[key] = load_model(key[0], None, key[1], tiny_seed=key[2])
+        model = models[key]
+        check_reproducible(model, run)
+        queries = record_queries(model, stored_config(run))
+        if not np.array_equal(queries.image, stored):
+            raise ProbeRefused(f"the re-run doesn't reproduce run {run_id}'s final image: no example from it")
+        grid = queries.latent
+        resized = {}
+        for word, mask in by_word.items():
+            img = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F").resize(grid[::-1], Image.BOX)
+            resized[word] = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        examples.append(Example(queries, resized, f"run {run_id}"))
+    return examples

@@ -129,6 +129,19 @@ def probe_embeds(
     return tokens, embeds, kinds
 
 
+def check_reproducible(model: LoadedModel, run: dict) -> None:
+    """Raise ProbeRefused unless this model can re-run `run` (a UNet `stepx generate` run made with these weights)."""
+    if run.get("architecture") not in (None, "unet"):
+        raise ProbeRefused(f"probes need a UNet run; run {run['run_id']} is {run['architecture']}")
+    if run.get("source") == "record":
+        raise ProbeRefused("this run was recorded from your own pipeline: the CLI can't rebuild that pipeline")
+    if model.fingerprint != run["model_fingerprint"]:
+        raise ProbeRefused(
+            f"the model's weights differ from the run's (fingerprint {model.fingerprint}, "
+            f"run {run['model_fingerprint']})"
+        )
+
+
 def compute_probes(
     model: LoadedModel,
     run: dict,
@@ -141,15 +154,7 @@ def compute_probes(
     `optimised` maps a one-word probe text to its optimised token vectors (`pipeline.probe_tokens`)."""
     if not texts:
         raise ValueError("no probe texts given")
-    if run.get("architecture") not in (None, "unet"):
-        raise ProbeRefused(f"probes need a UNet run; run {run['run_id']} is {run['architecture']}")
-    if run.get("source") == "record":
-        raise ProbeRefused("this run was recorded from your own pipeline: the CLI can't rebuild that pipeline")
-    if model.fingerprint != run["model_fingerprint"]:
-        raise ProbeRefused(
-            f"the model's weights differ from the run's (fingerprint {model.fingerprint}, "
-            f"run {run['model_fingerprint']})"
-        )
+    check_reproducible(model, run)
     cfg = stored_config(run).resolved(model)
     pipe = model.pipe
     tokens, embeds, kinds = probe_embeds(pipe, model.device, texts, optimised)

@@ -167,3 +167,40 @@ def test_probe_file_without_the_embedding_column_still_reads(tuned, tmp_path):
     assert "cat" in Store(copy).probes(run_id)
     assert Store(copy).probe_map(run_id, "cat").shape == tuple(trace.run[k] for k in ("latent_height", "latent_width"))
     assert set(conform("probe_maps", pq.read_table(file))["probe_embedding"].to_pylist()) == {None}
+
+
+def test_tokens_from_stored_runs_and_masks(tuned):
+    """The general path: any stored UNet run plus a mask per word (any size) is an example to fit a token on."""
+    from jobs.probe import annotated_runs
+
+    root, model, trace, queries, _tokens, _path = tuned
+    height, width = trace.run["height"], trace.run["width"]
+    mask = np.zeros((height, width), dtype=bool)
+    mask[:, : width // 2] = True
+    (example,) = annotated_runs(root, {trace.run["run_id"]: {"dog": mask}})
+    assert example.source == f"run {trace.run['run_id']}" and example.queries.latent == queries.latent
+    assert all(torch.equal(example.queries.queries[n], q) for n, q in queries.queries.items())
+    expected = np.zeros(queries.latent, dtype=np.float32)
+    expected[:, : queries.latent[1] // 2] = 1
+    np.testing.assert_allclose(example.masks["dog"], expected, atol=1e-6)
+    fitted = optimise_tokens(model, ["dog"], [example], iterations=10, lr=0.1)
+    assert fitted.meta["words"]["dog"]["loss_after"] < fitted.meta["words"]["dog"]["loss_before"]
+
+
+def test_probe_run_uses_the_model_folders_tokens_and_skips_stale_ones(tuned, tmp_path, monkeypatch):
+    """Probes (the CLI's and Inspect's queued ones) take the model folder's tokens file unless asked for plain;
+    a file fitted to other weights is skipped with a note."""
+    import jobs.probe
+    from jobs.probe import probe_run
+
+    root, _model, trace, _queries, tokens, _path = tuned
+    run_id = trace.run["run_id"]
+    monkeypatch.setattr(jobs.probe, "locate", lambda _spec, _path=None: tmp_path)  # tiny-random has no folder
+    tokens.save(tmp_path / TOKENS_FILE)
+    assert probe_run(root, run_id, ["dog", "sky"]).embeddings == {"dog": OPTIMISED, "sky": ENCODED}
+    assert probe_run(root, run_id, ["dog"], plain=True).embeddings == {"dog": ENCODED}
+    stale = ProbeTokens(tokens.vectors, dict(tokens.meta, model_fingerprint="0" * 16))
+    stale.save(tmp_path / TOKENS_FILE)
+    outcome = probe_run(root, run_id, ["dog"])
+    assert outcome.embeddings == {"dog": ENCODED}
+    assert len(outcome.notes) == 1 and "not used" in outcome.notes[0] and "other weights" in outcome.notes[0]
