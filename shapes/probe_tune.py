@@ -1,6 +1,6 @@
 """Probe tokens for the shapes model: OVAM token optimisation on training-split scenes, and the lone-word probe rate.
 
-stepx probe-tune --scenes 64 --iterations 150   # writes data/models/shapes/probe_tokens.safetensors
+stepx probe-tune --scenes 64 --iterations 150 --out data/models/shapes/probe_tokens.safetensors
 
 Annotations are generations of training scenes (`scenes.training_scene` with seeds far above the training data's)
 with each drawn object's mask as the checker finds it in the generated image (`check.check_image`), on the latent

@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("probe-tune", parents=[common], help="optimise the shapes model's probe tokens (OVAM)")
     pt.add_argument("--scenes", type=count(1000), default=64, help="training scenes to generate and annotate")
     pt.add_argument("--iterations", type=count(10_000), default=150, help="Adam iterations per word")
-    pt.add_argument("--out", type=Path, help="tokens file (default: data/models/shapes/probe_tokens.safetensors)")
+    pt.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="tokens file to write (*.safetensors; the model's own: data/models/shapes/probe_tokens.safetensors)",
+    )
 
     r = sub.add_parser("runs", parents=[common], help="list runs")
     r.add_argument("--search", type=_text, help="text in the prompt")

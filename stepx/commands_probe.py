@@ -8,7 +8,7 @@ import sys
 
 from schema.layout import store_root
 from schema.stats import map_stats
-from stepx.commands_base import CliError, open_store
+from stepx.commands_base import CliError, check_out_path, open_store, os_error_line
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -59,21 +59,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_probe_tune(args: argparse.Namespace) -> int:
     """Fit the shapes model's probe tokens on generated training scenes and write the tokens file."""
+    if args.out.suffix != ".safetensors":
+        raise CliError(f"stepx probe-tune: --out {str(args.out)[:80]!r}: give a *.safetensors file", 2)
+    out = check_out_path(args.out)
     import torch
 
-    from pipeline.models import ModelNotFoundError, load_model, locate
-    from pipeline.probe_tokens import TOKENS_FILE
+    from pipeline.models import ModelNotFoundError, load_model
     from shapes.probe_tune import tune
 
-    if args.out is not None and not args.out.parent.is_dir():
-        raise CliError(f"stepx probe-tune: --out {args.out}: no such folder", 2)
     torch.set_num_threads(1)  # small ops: threads cost more than they give
     try:
         model = load_model("shapes", device="cpu")
     except ModelNotFoundError as exc:
         raise CliError(f"stepx probe-tune: {exc}") from None
-    tokens = tune(model, args.scenes, args.iterations, log=lambda line: print(line, file=sys.stderr))
-    out = tokens.save(args.out or locate(model.spec) / TOKENS_FILE)
+    tokens = tune(model, args.scenes, args.iterations, log=lambda line: print(line, flush=True))
+    try:
+        tokens.save(out)
+    except OSError as exc:
+        raise CliError(f"stepx probe-tune: --out: {os_error_line(exc)}") from None
     for word, rec in tokens.meta["words"].items():
         print(f"{word}: {rec['examples']} images, loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f}")
     print(out)

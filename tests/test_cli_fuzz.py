@@ -72,6 +72,8 @@ NUMERIC_FLAGS = {
     "--runs",
     "--poll",
     "--threshold",
+    "--scenes",
+    "--iterations",
 }
 PROGRESS = re.compile(r"(\d+/\d+ \[|\?(step|run|it)/s|\d+%\|)")  # tqdm bar states on stderr
 
@@ -137,6 +139,7 @@ def valid_lists(env: dict) -> list[list[str]]:
         ["synth", "--runs", "1", "--steps", "2", "--geometry", "shapes", "--seed", "1"],
         ["batch", str(env["prompts"]), "--seeds", "0-1", "--model", "tiny-random", "--steps", "2", "--gallery", "fb"],
         ["probe", run, "--words", "dog, sky", "--device", "cpu"],
+        ["probe-tune", "--scenes", "1", "--iterations", "2", "--out", str(env["base"] / "tokens.safetensors")],
         ["train-shapes", "--set", "nosuchfield=1", "--work", str(env["base"] / "tw"), "--max-steps", "0"],
     ]
 
@@ -200,6 +203,7 @@ def bounded(argv: list[str], env: dict) -> list[str]:
         "gallery": ["--spec", str(env["spec"])],
         "generate": ["--model", "tiny-random", "--steps", "2"],
         "batch": ["--model", "tiny-random", "--steps", "2"],
+        "probe-tune": ["--scenes", "1", "--iterations", "2"],
     }.get(argv[0] if argv else "", [])
     if argv[:1] == ["train-shapes"]:  # last wins: the fuzz folder, and a field no Config has, so nothing trains
         return argv + ["--work", str(env["base"] / "tw"), "--set", "nosuchfield=1"]
