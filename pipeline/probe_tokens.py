@@ -16,6 +16,7 @@ safetensors beside the model (`probe_tokens.safetensors`); probes use them only 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,12 @@ class ProbeTokens:
         """Write the tokens as safetensors, provenance as JSON in the file's metadata."""
         path = Path(path)
         tensors = {w: v.detach().float().cpu().contiguous() for w, v in self.vectors.items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
+            tmp.replace(path)  # whole or not at all
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
