@@ -165,8 +165,12 @@ def optimise_token(
     iterations: int = 150,
     lr: float = 0.1,
     log: Callable[[str], None] | None = None,
+    check: Sequence[Example] = (),
 ) -> tuple[torch.Tensor, dict]:
-    """Fit one probe word's token on the examples that have a mask for it; returns (pieces, dim) and its record."""
+    """Fit one probe word's token on the examples that have a mask for it; returns (pieces, dim) and its record.
+
+    With `check` (examples not fitted on), the record also says how often the map's centroid falls on the mask
+    there, plain ('check_plain') and fitted ('check_optimised')."""
     used = [e for e in examples if word in e.masks]
     if not used:
         raise ProbeTokensError(f"no annotated example has a mask for {word!r}")
@@ -208,7 +212,24 @@ def optimise_token(
         "loss_before": first,
         "loss_after": last,
     }
+    checked = [e for e in check if word in e.masks]
+    if checked:
+        with torch.no_grad():
+            for name, v in (("check_plain", base[pos]), ("check_optimised", vec)):
+                states = base.index_put((torch.tensor(pos, device=base.device),), v)
+                hits = [centroid_on(probe_heat(unet, e.queries, states, keep), e.masks[word]) for e in checked]
+                record[name] = sum(hits) / len(hits)
+        record["check_examples"] = len(checked)
     return vec.detach(), record
+
+
+def centroid_on(heat: torch.Tensor, mask: np.ndarray) -> bool:
+    """Whether a (H, W) map's centroid falls in a cell at least half covered by the (H, W) mask."""
+    h, w = heat.shape
+    total = heat.sum().clamp(min=1e-12)
+    cy = float((heat.sum(dim=1) * (torch.arange(h, device=heat.device) + 0.5)).sum() / total)
+    cx = float((heat.sum(dim=0) * (torch.arange(w, device=heat.device) + 0.5)).sum() / total)
+    return bool(mask[min(h - 1, int(cy)), min(w - 1, int(cx))] >= 0.5)
 
 
 def optimise_tokens(
@@ -218,10 +239,32 @@ def optimise_tokens(
     iterations: int = 150,
     lr: float = 0.1,
     log: Callable[[str], None] | None = None,
+    check_every: int = 4,
 ) -> ProbeTokens:
-    """Fit each word's token (`optimise_token`) and bundle them with the model's fingerprint."""
+    """Fit each word's token (`optimise_token`) and bundle them with the model's fingerprint.
+
+    A token is kept only if it earns its place: fitted without every `check_every`-th of the word's examples,
+    its centroid must land on the mask of those held-out examples more often than the plain word's does. A kept
+    token is then fitted on all the word's examples; a dropped word stays plain, its record saying why.
+    """
     vectors, per_word = {}, {}
     for word in words:
+        mine = [e for e in examples if word in e.masks]
+        held = mine[check_every - 1 :: check_every] if check_every > 1 else []
+        gate: dict = {}
+        if held:
+            fit = [e for i, e in enumerate(mine) if (i + 1) % check_every]
+            _, rec = optimise_token(model, word, fit, iterations, lr, None, check=held)
+            gate = {k: rec[k] for k in ("check_examples", "check_plain", "check_optimised")}
+            if gate["check_optimised"] <= gate["check_plain"]:
+                per_word[word] = {"kept": False, "examples": len(mine), **gate}
+                if log is not None:
+                    log(
+                        f"{word}: dropped (held out: optimised {gate['check_optimised']:.2f} <= plain "
+                        f"{gate['check_plain']:.2f})"
+                    )
+                continue
         vectors[word], per_word[word] = optimise_token(model, word, examples, iterations, lr, log)
+        per_word[word] |= {"kept": True, **gate}
     meta = {"model_fingerprint": model.fingerprint, "model_id": model.model_id, "words": per_word}
     return ProbeTokens(vectors, meta)

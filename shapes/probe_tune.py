@@ -102,11 +102,12 @@ def probe_rate(
 
     Per drawn object (of the right colour) named by a word unique in its scene (its shape; its colour, always
     unique), how often the lone word's probe map ("square", "red") has its centroid / its peak on the object:
-    plain ('on_object', 'peak_on_object') and, given `optimised`, with the optimised tokens ('optimised_...'),
+    plain ('on_object', 'peak_on_object') and, given `optimised`, with its tokens ('optimised_...'; a word it has
+    no token for stays plain), with the share of such words that had one ('optimised_words'),
     beside the same word's map inside the prompt ('prompt_word_on_object').
     """
     keys = ["objects", "on_object", "peak_on_object", "prompt_word_on_object"]
-    keys += ["optimised_on_object", "optimised_peak_on_object"] if optimised else []
+    keys += ["optimised_on_object", "optimised_peak_on_object", "optimised_words"] if optimised else []
     counts = {kind: dict.fromkeys(keys, 0) for kind in ("shape", "colour")}
     for i, scene in enumerate(splits.suite(split, n)):
         trace = generate_trace(model, GenerationConfig(scene.caption, seed=splits.noise_seeds(split, i, 1)[0]))
@@ -125,12 +126,13 @@ def probe_rate(
         runs = {"": compute_probes(model, trace.run, image, words)[0]}
         if optimised:
             runs["optimised_"] = compute_probes(model, trace.run, image, words, optimised)[0]
-            assert runs["optimised_"].embeddings == [OPTIMISED] * len(words), runs["optimised_"].embeddings
         kept = [t for t in trace.tokens if t.has_map]
         for k, word in enumerate(words):
             kind, mask = probes[word]
             tally = counts[kind]
             tally["objects"] += 1
+            if optimised:
+                tally["optimised_words"] += runs["optimised_"].embeddings[k] == OPTIMISED
             for prefix, result in runs.items():
                 pieces = [j for j, t in enumerate(t for t in result.tokens[k] if t.has_map) if t.kind == "word"]
                 heat = result.maps[k][:, pieces].mean(axis=1).sum(axis=0)

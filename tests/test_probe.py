@@ -130,7 +130,8 @@ def test_split_rates():
     torch.set_num_threads(1)
     model = load_model("shapes", device="cpu")
     tokens = ProbeTokens.load(EMBEDDED_DIR / TOKENS_FILE)
-    assert all(src.startswith("training_scene(") for rec in tokens.meta["words"].values() for src in rec["sources"])
+    sources = [src for rec in tokens.meta["words"].values() for src in rec.get("sources", [])]
+    assert sources and all(src.startswith("training_scene(") for src in sources)
     rates = probe_rate(model, "test", 30, tokens.for_model(model))
     print(rates)
     return rates

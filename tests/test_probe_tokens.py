@@ -204,3 +204,26 @@ def test_probe_run_uses_the_model_folders_tokens_and_skips_stale_ones(tuned, tmp
     outcome = probe_run(root, run_id, ["dog"])
     assert outcome.embeddings == {"dog": ENCODED}
     assert len(outcome.notes) == 1 and "not used" in outcome.notes[0] and "other weights" in outcome.notes[0]
+
+
+def test_a_token_is_kept_only_if_it_beats_the_plain_word_on_held_out_examples(tuned):
+    """Every 4th example of a word is held out: a token fitted on the others must put the map's centroid on the
+    held-out masks more often than the plain word does, or the word stays plain."""
+    from pipeline.probe_tokens import centroid_on
+
+    _root, model, _trace, queries, _tokens, _path = tuned
+    half = np.zeros(queries.latent, dtype=np.float32)
+    half[:, : queries.latent[1] // 2] = 1
+    away = {}  # per word, the half its plain map's centroid is not on
+    for word in ("dog", "sky"):
+        toks, embeds, _ = probe_embeds(model.pipe, "cpu", [word])
+        with torch.no_grad():
+            plain = probe_heat(model.pipe.unet, queries, embeds[0][0], word_positions(toks[0]))
+        away[word] = half if not centroid_on(plain, half) else 1 - half
+    fit = [Example(queries, dict(away), f"fit {i}") for i in range(3)]
+    held = Example(queries, {"dog": away["dog"], "sky": 1 - away["sky"]}, "held out")  # sky: the plain map's half
+    tokens = optimise_tokens(model, ["dog", "sky"], [*fit, held], iterations=25, lr=0.1)
+    dog, sky = tokens.meta["words"]["dog"], tokens.meta["words"]["sky"]
+    assert dog["kept"] and dog["check_examples"] == 1 and (dog["check_plain"], dog["check_optimised"]) == (0, 1)
+    assert dog["examples"] == 4 and "dog" in tokens.vectors  # kept: fitted again on all four
+    assert not sky["kept"] and sky["check_plain"] == 1 and "sky" not in tokens.vectors
