@@ -118,7 +118,7 @@ def start_from_export(folder: Path, text: CLIPTextModel, unet: UNet2DConditionMo
 def weights_digest(folder: Path) -> str:
     """SHA-256 over an exported pipeline's weight files (sorted by path): which weights a run began from."""
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
+    for path in sorted(folder.glob("*/*.safetensors")):  # the components, not extras such as probe tokens
         digest.update(path.relative_to(folder).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
