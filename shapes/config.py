@@ -202,3 +202,9 @@ def lr_factor(cfg: Config, step: int) -> float:
         return (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
     return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def ema_decay(cfg: Config, step: int) -> float:
+    """The EMA's decay at `step`: warmed up from scratch (an average of few steps is mostly the live weights),
+    full from the first step of a continuation, whose EMA starts as the averaged weights it continues."""
+    return cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + step) / (10 + step))

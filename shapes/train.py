@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from shapes import scenes
-from shapes.config import Config, ConfigError, TrainState, apply_overrides, load_config, lr_factor
+from shapes.config import Config, ConfigError, TrainState, apply_overrides, ema_decay, load_config, lr_factor
 from shapes.data import build_data, caption_tokens, count_pools, sample_batch, scene_seed, shape_twin
 from shapes.losses import AttentionStore, grounding_loss, install_recorder
 from shapes.model import make_text_encoder, make_tokenizer, make_train_scheduler, make_unet, start_from_export
@@ -228,7 +228,7 @@ class Trainer:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text.parameters()], 1.0)
         self.opt.step()
-        decay = min(cfg.ema_decay, (1 + st.step) / (10 + st.step))
+        decay = ema_decay(cfg, st.step)
         with torch.no_grad():
             for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text)):
                 for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):

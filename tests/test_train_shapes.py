@@ -122,6 +122,13 @@ def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
+def test_ema_warms_up_from_scratch_but_not_in_a_continuation(tmp_path):
+    from shapes.config import ema_decay
+
+    assert ema_decay(MINI, 0) == 0.1 and ema_decay(MINI, 10_000) == MINI.ema_decay
+    assert ema_decay(replace(MINI, init_from=str(tmp_path)), 0) == MINI.ema_decay
+
+
 @pytest.mark.slow
 def test_scene_data_is_the_same_rendered_in_worker_processes(tmp_path):
     from shapes.data import build_data
