@@ -34,6 +34,7 @@ from pipeline.trace import TokenInfo
 from schema import RUN_FILES, TABLES, file_metadata
 from schema.layout import run_dir
 from schema.stats import map_stats
+from schema.tables import conform
 
 ENCODED, OPTIMISED = "encoded", "optimised"  # probe_maps.probe_embedding
 
@@ -234,11 +235,11 @@ def write_probes(root: Path, run_id: str, table: pa.Table) -> Path:
         raise FileNotFoundError(f"no run {run_id!r} in the store {root}")
     final = run_dir(root, run_id) / RUN_FILES["probe_maps"]
     if final.is_file():
-        old = pq.read_table(final)
+        old = conform("probe_maps", pq.read_table(final))  # files of an older minor version lack newer columns
         keep = pc.invert(
             pc.is_in(old.column("probe"), value_set=pa.array(sorted(set(table.column("probe").to_pylist()))))
         )
-        table = pa.concat_tables([old.filter(keep).cast(table.schema), table])
+        table = pa.concat_tables([old.filter(keep), table])
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(3)}")
     pq.write_table(table.replace_schema_metadata(file_metadata()), tmp, compression="zstd")
     os.replace(tmp, final)

@@ -99,6 +99,13 @@ class ProbeTokens:
                 f"probe tokens were optimised for other weights (fingerprint {fitted}, model {model.fingerprint}); "
                 "optimise them again (`stepx probe-tune`)"
             )
+        width = model.pipe.text_encoder.config.hidden_size
+        for word, vec in self.vectors.items():
+            if vec.ndim != 2 or vec.shape[1] != width or not vec.is_floating_point() or not torch.isfinite(vec).all():
+                raise ProbeTokensError(
+                    f"probe token {word[:40]!r}: expected finite floats of shape (word pieces, {width}), "
+                    f"got {vec.dtype} {tuple(vec.shape)}"
+                )
         return self.vectors
 
 
@@ -245,13 +252,20 @@ def optimise_tokens(
 
     A token is kept only if it earns its place: fitted without every `check_every`-th of the word's examples,
     its centroid must land on the mask of those held-out examples more often than the plain word's does. A kept
-    token is then fitted on all the word's examples; a dropped word stays plain, its record saying why.
+    token is then fitted on all the word's examples; a dropped word stays plain, its record saying why. A word with
+    fewer than `check_every` examples can't be checked and is dropped; `check_every=1` keeps every token unchecked.
     """
     vectors, per_word = {}, {}
     for word in words:
         mine = [e for e in examples if word in e.masks]
         held = mine[check_every - 1 :: check_every] if check_every > 1 else []
         gate: dict = {}
+        if check_every > 1 and not held:
+            why = f"{len(mine)} example(s): too few for a held-out check (needs {check_every})"
+            per_word[word] = {"kept": False, "examples": len(mine), "why": why}
+            if log is not None:
+                log(f"{word}: dropped ({why})")
+            continue
         if held:
             fit = [e for i, e in enumerate(mine) if (i + 1) % check_every]
             _, rec = optimise_token(model, word, fit, iterations, lr, None, check=held)

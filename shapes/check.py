@@ -59,9 +59,13 @@ class Component:
     @property
     def shape(self) -> str:
         """circle, square or triangle, from the fraction of its bounding box it fills."""
-        ys, xs = np.nonzero(self.mask)
-        fill = self.area / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-        return shape_of_fill(float(fill))
+        return shape_of_fill(bbox_fill(self.mask))
+
+
+def bbox_fill(mask: np.ndarray) -> float:
+    """The share of its bounding box a (non-empty) mask fills."""
+    ys, xs = np.nonzero(mask)
+    return float(mask.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
 
 
 def shape_of_fill(fill: float, triangle_below: float = TRIANGLE_BELOW, square_from: float = SQUARE_FROM) -> str:
@@ -195,6 +199,7 @@ def check_objects(image: np.ndarray, objects: list[ObjectSpec], min_area: int | 
 
 __all__ = [
     "Component",
+    "bbox_fill",
     "ImageCheck",
     "ObjectCheck",
     "check_image",

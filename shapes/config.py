@@ -115,6 +115,8 @@ class Config:
     eval_steps: int = 20  # sampling steps (DPM-Solver++), as StepX generates
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ConfigError(f"Config.lr_final must be between 0 and 1 (a share of lr), not {self.lr_final}")
         if self.init_from:  # absolute: the work folder's config.json outlives the directory it was made from
             self.init_from = str(Path(self.init_from).resolve())
         for name in ("threads", "n_scenes", "batch", "vae_batch", "steps", "ckpt_every", "eval_every"):

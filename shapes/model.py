@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from pipeline.tiny import BOS, EOS, clip_tokenizer
 from shapes.config import Config
@@ -113,6 +114,24 @@ def start_from_export(folder: Path, text: CLIPTextModel, unet: UNet2DConditionMo
     if not record.exists():
         record.write_text(json.dumps({"from": str(folder), "sha256": weights_digest(folder)}), "utf-8")
     return record.read_text("utf-8")
+
+
+def export_problem(cfg: Config) -> str | None:
+    """Why `cfg.init_from` can't be continued by this recipe (one line), or None: each component must load into
+    the module this recipe builds, checked before a work folder is written. None for a run from scratch."""
+    if not cfg.init_from:
+        return None
+    folder = Path(cfg.init_from)
+    transformers_logging.disable_progress_bar()  # the refusal is one line on stderr
+    parts = {"vae": (AutoencoderKL, make_vae), "text_encoder": (CLIPTextModel, make_text_encoder)}
+    parts["unet"] = (UNet2DConditionModel, make_unet)
+    for name, (cls, make) in parts.items():
+        try:
+            make(cfg).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(str(err).split())[:120] or type(err).__name__
+            return f"init_from={folder}: its {name} is not this recipe's ({detail})"
+    return None
 
 
 def weights_digest(folder: Path) -> str:

@@ -38,7 +38,14 @@ from shapes import scenes
 from shapes.config import Config, ConfigError, TrainState, apply_overrides, ema_decay, load_config, lr_factor
 from shapes.data import build_data, caption_tokens, count_pools, sample_batch, scene_seed, shape_twin
 from shapes.losses import AttentionStore, grounding_loss, install_recorder
-from shapes.model import make_text_encoder, make_tokenizer, make_train_scheduler, make_unet, start_from_export
+from shapes.model import (
+    export_problem,
+    make_text_encoder,
+    make_tokenizer,
+    make_train_scheduler,
+    make_unet,
+    start_from_export,
+)
 from shapes.sample import evaluate, export
 from shapes.util import DEFAULT_OUT, DEFAULT_WORK, Logger, atomic_save, to_tensor_images
 from shapes.vae import train_vae
@@ -60,7 +67,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.text = make_text_encoder(cfg).to(self.device)
         self.unet = make_unet(cfg).to(self.device)
-        if cfg.init_from:
+        if cfg.init_from and not (work / "ckpt.pt").exists():  # a resumed run's weights are its checkpoint's
             log(f"init: {start_from_export(Path(cfg.init_from), self.text, self.unet, work / 'init.json')}")
         self.ema_text = make_text_encoder(cfg).to(self.device)
         self.ema_unet = make_unet(cfg).to(self.device)
@@ -297,16 +304,8 @@ class Trainer:
         """Evaluation of the EMA weights on the evaluation prompts, logged and kept in the checkpoint."""
         cfg = self.cfg
         t0 = time.time()
-        res = evaluate(
-            self.ema_unet,
-            self.ema_text,
-            self.vae,
-            self.sf,
-            self.tokenizer,
-            n=n or cfg.eval_prompts,
-            guidance=guidance or cfg.eval_guidance,
-            steps=cfg.eval_steps,
-        )
+        ema = (self.ema_unet, self.ema_text, self.vae, self.sf, self.tokenizer)
+        res = evaluate(*ema, n=n or cfg.eval_prompts, guidance=guidance or cfg.eval_guidance, steps=cfg.eval_steps)
         res.update(step=self.state.step, eval_seconds=round(time.time() - t0, 1))
         self.state.evals.append(res)
         self.log("eval " + json.dumps(res))
@@ -358,8 +357,7 @@ def refusal(args: argparse.Namespace, work: Path) -> str | None:
             cfg = apply_overrides(Config(), args.set)
         except ConfigError as err:
             return str(err)
-        if cfg.init_from and not (Path(cfg.init_from) / "unet").is_dir():
-            return f"init_from={cfg.init_from}: not an exported shapes pipeline (no unet/ folder)"
+        return export_problem(cfg)
     return None
 
 

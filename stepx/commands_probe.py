@@ -78,8 +78,11 @@ def cmd_probe_tune(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"stepx probe-tune: --out: {os_error_line(exc)}") from None
     for word, rec in tokens.meta["words"].items():
-        held = f"; held out: centroid on object {rec['check_optimised']:.0%} vs plain {rec['check_plain']:.0%}"
-        held = held if "check_plain" in rec else ""
+        held = ""
+        if "check_plain" in rec:
+            held = f"; held out: centroid on object {rec['check_optimised']:.0%} vs plain {rec['check_plain']:.0%}"
+        elif not rec["kept"]:
+            held = f"; {rec.get('why', 'not kept')}"
         if rec["kept"]:
             print(f"{word}: {rec['examples']} images, loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f}{held}")
         else:

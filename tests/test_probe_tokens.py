@@ -46,7 +46,9 @@ def tuned(tmp_path_factory):
     queries = record_queries(model, CFG)
     mask = np.zeros(queries.latent, dtype=np.float32)
     mask[:, : queries.latent[1] // 2] = 1  # "the dog is on the left"
-    tokens = optimise_tokens(model, ["dog"], [Example(queries, {"dog": mask}, "left half")], iterations=25, lr=0.1)
+    example = Example(queries, {"dog": mask}, "left half")
+    assert not optimise_tokens(model, ["dog"], [example], iterations=2, lr=0.1).vectors  # too few to check: plain
+    tokens = optimise_tokens(model, ["dog"], [example], iterations=25, lr=0.1, check_every=1)
     path = tokens.save(tmp_path_factory.mktemp("tokens") / TOKENS_FILE)
     return root, model, trace, queries, tokens, path
 
@@ -167,6 +169,22 @@ def test_probe_file_without_the_embedding_column_still_reads(tuned, tmp_path):
     assert "cat" in Store(copy).probes(run_id)
     assert Store(copy).probe_map(run_id, "cat").shape == tuple(trace.run[k] for k in ("latent_height", "latent_width"))
     assert set(conform("probe_maps", pq.read_table(file))["probe_embedding"].to_pylist()) == {None}
+    again = probe_run(copy, run_id, ["sky"])  # probing again merges with the older file instead of failing
+    assert again.embeddings == {"sky": ENCODED} and {"cat", "sky"} <= set(Store(copy).probes(run_id))
+    assert conform("probe_maps", pq.read_table(file))["probe_embedding"].to_pylist().count(None) > 0
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [torch.tensor(1.0), torch.zeros(1, 7), torch.full((1, 32), float("nan")), torch.ones(1, 32, dtype=torch.int32)],
+    ids=["0-d", "wrong-width", "nan", "integer"],
+)
+def test_hostile_token_vectors_are_refused_in_one_line(tuned, vector):
+    """A tokens file with the model's fingerprint but a vector that isn't (word pieces, hidden) finite floats."""
+    _root, model, _trace, _queries, tokens, _path = tuned
+    forged = ProbeTokens({"dog": vector}, dict(tokens.meta))
+    with pytest.raises(ProbeTokensError, match="expected finite floats"):
+        forged.for_model(model)
 
 
 def test_tokens_from_stored_runs_and_masks(tuned):
@@ -183,7 +201,7 @@ def test_tokens_from_stored_runs_and_masks(tuned):
     expected = np.zeros(queries.latent, dtype=np.float32)
     expected[:, : queries.latent[1] // 2] = 1
     np.testing.assert_allclose(example.masks["dog"], expected, atol=1e-6)
-    fitted = optimise_tokens(model, ["dog"], [example], iterations=10, lr=0.1)
+    fitted = optimise_tokens(model, ["dog"], [example], iterations=10, lr=0.1, check_every=1)
     assert fitted.meta["words"]["dog"]["loss_after"] < fitted.meta["words"]["dog"]["loss_before"]
 
 

@@ -146,12 +146,8 @@ def test_shape_cuts_are_the_best_for_vae_round_trips_of_training_scenes():
     evaluation scenes), and clearly better than the drawn shapes' midpoints."""
     from diffusers import AutoencoderKL
 
-    from shapes.check import SQUARE_FROM, TRIANGLE_BELOW, shape_of_fill
+    from shapes.check import SQUARE_FROM, TRIANGLE_BELOW, bbox_fill, shape_of_fill
     from shapes.util import DEFAULT_OUT, to_tensor_images, to_uint8_images
-
-    def fill(mask: np.ndarray) -> float:
-        ys, xs = np.nonzero(mask)
-        return float(mask.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)))
 
     torch.set_num_threads(1)
     vae = AutoencoderKL.from_pretrained(DEFAULT_OUT / "vae")
@@ -166,11 +162,11 @@ def test_shape_cuts_are_the_best_for_vae_round_trips_of_training_scenes():
             specs = [o.spec for o in scene.objects]
             for spec, c in zip(specs, check_objects(scene.image, specs), strict=True):
                 assert c.shape_ok
-                drawn[spec.shape].append(fill(c.mask))
+                drawn[spec.shape].append(bbox_fill(c.mask))
             for spec, c in zip(specs, check_objects(image, specs), strict=True):
                 if c.mask.any():
                     truth.append(spec.shape)
-                    fills.append(fill(c.mask))
+                    fills.append(bbox_fill(c.mask))
 
     def accuracy(low: float, high: float) -> float:
         return float(np.mean([shape_of_fill(f, low, high) == t for f, t in zip(fills, truth, strict=True)]))

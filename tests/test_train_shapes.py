@@ -197,7 +197,7 @@ def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys)
     from stepx.cli import main
 
     work = tmp_path / "work"
-    for bad in ("nosuchfield=1", "batch=abc", "batch=1.5", "bf16=1", "curriculum=3", "steps=0", "lr"):
+    for bad in ("nosuchfield=1", "batch=abc", "batch=1.5", "bf16=1", "curriculum=3", "steps=0", "lr", "lr_final=-3"):
         assert main(["train-shapes", "--work", str(work), "--set", bad]) == 2, bad
         err = capsys.readouterr().err.strip()
         assert err.startswith("stepx train-shapes: --set") or err.startswith("stepx train-shapes: Config."), err
@@ -206,6 +206,14 @@ def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys)
         assert main(["train-shapes", "--work", str(work), *bad]) == 2, bad
         err = capsys.readouterr().err.strip()
         assert err.startswith("stepx train-shapes: ") and len(err.splitlines()) == 1, err
+    # A continuation from something that isn't this recipe's exported pipeline: one line, nothing written.
+    (tmp_path / "empty" / "unet").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    for folder in (tmp_path / "missing", tmp_path / "file", tmp_path / "empty", ROOT / "data" / "models" / "shapes"):
+        cmd = ["train-shapes", "--work", str(work), "--set", f"init_from={folder}"]
+        assert main([*cmd, *(["text_hidden=64"] if folder.name == "shapes" else [])]) == 2, folder
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("stepx train-shapes: init_from=") and len(err.splitlines()) == 1, err
     assert not work.exists()  # nothing written for a refused run
 
 
