@@ -678,6 +678,15 @@ class Store:
         table = self._probe_table(run_id)
         return [] if table is None else list(dict.fromkeys(table.column("probe").to_pylist()))
 
+    def probe_embeddings(self, run_id: str) -> dict[str, str | None]:
+        """Per stored probe text, how its words were embedded: 'optimised' (a fitted OVAM token), 'encoded', or
+        None (a probe file older than schema 1.7)."""
+        table = self._probe_table(run_id)
+        if table is None:
+            return {}
+        kinds = table.column("probe_embedding").to_pylist() if "probe_embedding" in table.column_names else []
+        return dict(zip(table.column("probe").to_pylist(), kinds or [None] * table.num_rows, strict=True))
+
     def probe_map(self, run_id: str, probe: str, word: str | None = None, step: int | None = None) -> np.ndarray:
         """A probe's map on the latent grid, as `word_map` builds a word's: its word tokens' DAAM maps averaged,
         the steps summed (or one step). `word` picks one word of a several-word probe text."""

@@ -5,6 +5,7 @@ its stored table, in SQL and on the command line (a plain probe stays available)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def test_cli_probe_with_an_optimised_token_is_marked_in_table_sql_and_output(tun
     rows = _sql(root, "SELECT DISTINCT probe, probe_embedding FROM probe_maps ORDER BY probe")
     assert rows == [{"probe": "dog", "probe_embedding": "optimised"}, {"probe": "sky", "probe_embedding": "encoded"}]
     optimised_map = Store(root).probe_map(run_id, "dog")
+    assert Store(root).probe_embeddings(run_id) == {"dog": OPTIMISED, "sky": ENCODED}
+    inspect_shows_optimised(root, run_id)
 
     plain = subprocess.run([*cmd, "--plain"], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stderr
@@ -147,6 +150,21 @@ def test_cli_probe_with_an_optimised_token_is_marked_in_table_sql_and_output(tun
     )
     for bad, says in ((both, "--plain"), (missing, "no such file"), (stale, "other weights")):
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and says in bad.stderr, bad.stderr
+
+
+def inspect_shows_optimised(root: Path, run_id: str) -> None:
+    """Inspect's probe picker says which probe is a fitted token (the map's caption uses the same label)."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["STEPX_STORE"] = str(root)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.session_state["run_id"] = run_id
+    at.switch_page("views/inspect.py").run()
+    picker = at.selectbox(key="inspect_probe")
+    assert not at.exception and "dog (optimised token)" in picker.options and "sky" in picker.options
+    picker.select("dog").run()
+    assert not at.exception and picker.value == "dog"
 
 
 def test_probe_file_without_the_embedding_column_still_reads(tuned, tmp_path):

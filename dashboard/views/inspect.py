@@ -148,11 +148,21 @@ def truncation_notice(run: dict, words: list[Word]) -> None:
     st.text(f"Cut: {cut}" if cut else "Cut: (the end of the prompt)")
 
 
-def probe_picker(probes: list[str]) -> str | None:
+def probe_label(probe: str, embeddings: dict[str, str | None]) -> str:
+    """A probe's name on the page, saying when its words are fitted OVAM tokens rather than encoded text."""
+    return probe + (" (optimised token)" if embeddings.get(probe) == "optimised" else "")
+
+
+def probe_picker(probes: list[str], embeddings: dict[str, str | None]) -> str | None:
     """The stored probe to show instead of the word (None: the word), marked as a probe; nothing when none."""
     if not probes:
         return None
-    choice = st.selectbox("Probe: a word not in the prompt (`stepx probe`)", ["none", *probes], key="inspect_probe")
+    choice = st.selectbox(
+        "Probe: a word not in the prompt (`stepx probe`)",
+        ["none", *probes],
+        key="inspect_probe",
+        format_func=lambda p: p if p == "none" else probe_label(p, embeddings),
+    )
     return None if choice == "none" else choice
 
 
@@ -237,7 +247,8 @@ def body() -> None:
             )
         )
         word = GLOBAL if share else word_picker(words)
-        probe = None if dit else probe_picker(s.probes(run_id))
+        embeddings = {} if dit else s.probe_embeddings(run_id)
+        probe = None if dit else probe_picker(s.probes(run_id), embeddings)
         if not dit:
             probe_box(root, run_id)
         step = step_picker(run["steps"])
@@ -263,7 +274,7 @@ def body() -> None:
     scale = scale_of(heat, norm, across)
     base = decode(image_bytes(root, run_id, step))
     size = (DISPLAY_PX, round(DISPLAY_PX * run["height"] / run["width"]))
-    label = "Text share" if share else f"probe: {probe}" if probe else word_label(words, word)
+    label = "Text share" if share else f"probe: {probe_label(probe, embeddings)}" if probe else word_label(words, word)
     if concept is not None:
         label = f"{concept_names[concept]} (ConceptAttention)"
     over = "all steps (mean)" if share or concept is not None else "all steps (sum)"
