@@ -377,3 +377,15 @@ def test_global_word_map_is_unchanged_by_picker(traced_store, monkeypatch):
     cap = next(c.value for c in at.caption if c.value.startswith("Raw values"))
     hi = float(np.percentile(Store(root).word_map(rid, GLOBAL, step=3), 99.0))
     assert f"percentile clip: 0 to {hi:.4g}" in cap
+
+
+def test_sql_docs_list_the_columns_of_every_stored_table(odd_store, monkeypatch):
+    """The console's "Views and columns" panel documents each stored table's columns, probes and concepts included."""
+    from schema import TABLES, USER_VIEWS, column_docs
+
+    root, _ids = odd_store
+    at = page(monkeypatch, root, "sql")
+    tables = [list(df.value["column"]) for df in at.dataframe if "meaning" in df.value.columns]
+    for name in ("runs", "cross_attention", "probe_maps", "concept_maps"):
+        assert [c for c, _t, _d in column_docs(name)] in tables, name
+    assert len(tables) == len([view for view in USER_VIEWS if view in TABLES])

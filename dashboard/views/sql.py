@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard.state import guarded, store
 from dashboard.text import definition_list, plain
-from schema import USER_VIEWS, column_docs
+from schema import TABLES, USER_VIEWS, column_docs
 from store import QueryError, Results
 from store.sql import EXAMPLES
 
@@ -31,7 +31,7 @@ def docs_panel() -> None:
     with st.expander("Views and columns"):
         for view, text in USER_VIEWS.items():
             st.markdown(definition_list({f"`{view}`": text}))
-            if view in ("runs", "tokens", "word_step_stats", "cross_attention", "self_attention", "images"):
+            if view in TABLES:  # a stored table (the derived views say what they hold above)
                 st.dataframe(
                     [{"column": c, "type": t, "meaning": d} for c, t, d in column_docs(view)],
                     hide_index=True,
