@@ -71,12 +71,36 @@ def continuation_text(cfg: Config, state: TrainState, work: Path) -> str:
     if not cfg.init_from:
         return ""
     digest = json.loads((work / "init.json").read_text(encoding="utf-8"))["sha256"]
+    if not state.step:
+        return (
+            f"These are earlier weights (weight files' SHA-256 {digest}; the history below is theirs) with only "
+            "the VAE's decoder refined (Recipe, VAE): their text encoder, UNet and latents are unchanged. "
+        )
     return (
         f"These weights continue earlier weights (weight files' SHA-256 {digest}; the history below is theirs) "
         f"for {state.step} steps of the recipe with every term on from the start, no curriculum, shape twins "
         f"weighted {cfg.shape_contrast_weight}, and the learning rate annealed by a cosine from {cfg.lr} to "
         f"{cfg.lr * cfg.lr_final:.2g} (`lr_final` = {cfg.lr_final}); the VAE is the one they began with. "
     )
+
+
+def decoder_text(cfg: Config, vae_blob: dict[str, Any]) -> str:
+    """The VAE's second stage, as the card tells it ("" when the decoder was not refined)."""
+    if not vae_blob.get("decoder_steps"):
+        return ""
+    return (
+        f"then the decoder alone refined on whole scenes with the encoder frozen (so no latent moved), "
+        f"{vae_blob['decoder_steps']} steps of batch {cfg.decoder_batch}, lr {cfg.decoder_lr} cosine-decayed to "
+        f"10% ({vae_blob['decoder_seconds'] / 60:.1f} min): objects whose shape survives a round trip "
+        f"{vae_blob['shape_kept_before_decoder']:.1%} -> {vae_blob['shape_kept']:.1%}; "
+    )
+
+
+def trained_text(cfg: Config, state: TrainState) -> str:
+    """The denoiser's steps and time in this run."""
+    if cfg.init_from and not state.step:
+        return "No denoiser steps in this run; the decoder refinement ran"
+    return f"{state.step} steps, {state.train_seconds / 3600:.2f} h of training"
 
 
 def cpu_name() -> str:
@@ -148,8 +172,8 @@ def write_card(
         "curriculum_1": cfg.curriculum[0],
         "curriculum_2": cfg.curriculum[1],
         "schedule": schedule_text(cfg),
-        "step": state.step,
-        "hours": f"{state.train_seconds / 3600:.2f}",
+        "trained": trained_text(cfg, state),
+        "decoder": decoder_text(cfg, vae_blob),
         "device": device,
         "torch_version": torch.__version__,
         "continuation": continuation_text(cfg, state, work),

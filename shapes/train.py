@@ -63,7 +63,8 @@ class Trainer:
         self.tokenizer = make_tokenizer(cfg)
         self.vae, self.sf = train_vae(cfg, work, log)
         self.vae.to(self.device)
-        self.data = build_data(cfg, work, self.vae, self.sf, self.tokenizer, log, workers)
+        # A continuation of 0 steps (a refined decoder only) needs no training data.
+        self.data = build_data(cfg, work, self.vae, self.sf, self.tokenizer, log, workers) if cfg.steps else {}
         torch.manual_seed(cfg.seed)
         self.text = make_text_encoder(cfg).to(self.device)
         self.unet = make_unet(cfg).to(self.device)
@@ -86,7 +87,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         self.state = TrainState()
-        self.pools = count_pools(self.data)
+        self.pools = count_pools(self.data) if self.data else {}
         self.empty_ids = torch.tensor(self.tokenizer("", padding="max_length", max_length=cfg.max_length).input_ids)
         self.empty_ids = self.empty_ids.to(self.device)
         words = [self.tokenizer.encode(w, add_special_tokens=False) for w in scenes.POSITIONS]

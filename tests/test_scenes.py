@@ -143,7 +143,8 @@ def test_checker_accepts_the_rendered_scene_and_finds_its_masks():
 def test_shape_cuts_are_the_best_for_vae_round_trips_of_training_scenes():
     """The checker's shape cuts (shapes/check.py) judge what the model's VAE can draw: among the cuts that judge
     every drawn shape right, they are within a point of the best on VAE round trips of training scenes (never
-    evaluation scenes), and clearly better than the drawn shapes' midpoints."""
+    evaluation scenes), and better than the drawn shapes' midpoints. (They were fixed on the VAE before its
+    decoder was refined, where the midpoints were 5 points behind; with the refined decoder, 0.8.)"""
     from diffusers import AutoencoderKL
 
     from shapes.check import SQUARE_FROM, TRIANGLE_BELOW, bbox_fill, shape_of_fill
@@ -177,7 +178,7 @@ def test_shape_cuts_are_the_best_for_vae_round_trips_of_training_scenes():
     assert len(truth) > 700
     assert max(drawn["triangle"]) < TRIANGLE_BELOW <= min(drawn["circle"]) < max(drawn["circle"]) < SQUARE_FROM
     assert accuracy(TRIANGLE_BELOW, SQUARE_FROM) >= best - 0.01
-    assert accuracy(TRIANGLE_BELOW, SQUARE_FROM) > accuracy(0.66, 0.88) + 0.03  # the drawn shapes' midpoints
+    assert accuracy(TRIANGLE_BELOW, SQUARE_FROM) > accuracy(0.66, 0.88)  # the drawn shapes' midpoints
 
 
 def _paint(image: np.ndarray, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> np.ndarray:

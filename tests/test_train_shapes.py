@@ -22,6 +22,8 @@ MINI = Config(
     vae_channels=(8, 8, 16),
     vae_steps=3,
     vae_batch=4,
+    decoder_steps=2,
+    decoder_batch=2,
     n_scenes=24,
     text_hidden=32,
     text_layers=1,
@@ -91,7 +93,8 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"][:4] == ["a", "red", "circle", "on"]
 
-    # A continuation (`--set init_from=...`) starts from the exported weights, VAE included.
+    # A continuation (`--set init_from=...`) starts from the exported weights. Its VAE is theirs with the
+    # decoder refined: the encoder, so every latent the denoiser learned, is unchanged.
     more = tmp_path / "more"
     more.mkdir()
     cont = Trainer(replace(MINI, init_from=str(out)), more, Logger(more / "log.txt"))
@@ -99,15 +102,31 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
         (cont.unet, pipe.unet),
         (cont.ema_unet, pipe.unet),
         (cont.text, pipe.text_encoder),
-        (cont.vae, pipe.vae),
+        (cont.vae.encoder, pipe.vae.encoder),
+        (cont.vae.quant_conv, pipe.vae.quant_conv),
     ):
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y.to(x.dtype))
+    decoders = zip(cont.vae.decoder.state_dict().values(), pipe.vae.decoder.state_dict().values(), strict=True)
+    assert not all(torch.equal(x, y) for x, y in decoders)  # refined for MINI.decoder_steps
     assert cont.sf == pipe.vae.config.scaling_factor and cont.run(minutes=5)
     sample.export(cont, more / "model", log, final_eval=False)
     card = (more / "model" / "README.md").read_text()
     assert f"SHA-256 {json.loads((more / 'init.json').read_text())['sha256']}" in card
     assert "History of the committed weights" in card and "kept from the weights this run continues" in card
+    assert "then the decoder alone refined on whole scenes with the encoder frozen" in card
+
+    # A continuation of 0 denoiser steps refines the decoder only: no training data, the denoiser exported as is.
+    only = tmp_path / "decoder-only"
+    only.mkdir()
+    dec = Trainer(replace(MINI, init_from=str(out), steps=0), only, Logger(only / "log.txt"))
+    assert dec.run(minutes=5) and dec.state.step == 0 and not (only / "data.pt").exists()
+    sample.export(dec, only / "model", log, final_eval=False)
+    refined = StableDiffusionPipeline.from_pretrained(only / "model", local_files_only=True, dtype=torch.float32)
+    for x, y in zip(refined.unet.parameters(), pipe.unet.parameters(), strict=True):
+        assert torch.equal(x, y)
+    card = (only / "model" / "README.md").read_text()
+    assert "with only the VAE's decoder refined" in card and "No denoiser steps in this run" in card and "$" not in card
 
 
 def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
