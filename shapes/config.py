@@ -124,9 +124,10 @@ class Config:
             raise ConfigError(f"Config.lr_final must be between 0 and 1 (a share of lr), not {self.lr_final}")
         if self.init_from:  # absolute: the work folder's config.json outlives the directory it was made from
             self.init_from = str(Path(self.init_from).resolve())
-        if self.decoder_steps < 0 or self.steps < (0 if self.init_from else 1):  # a continuation may refine the VAE only
-            raise ConfigError(f"Config.decoder_steps and steps must be at least 0 (steps 1 from scratch), not "
-                              f"{self.decoder_steps} and {self.steps}")
+        if self.steps < (0 if self.init_from else 1):  # a continuation of 0 steps refines the decoder only
+            raise ConfigError(f"Config.steps must be at least 1 from scratch (0 in a continuation), not {self.steps}")
+        if self.decoder_steps < 0:
+            raise ConfigError(f"Config.decoder_steps must be at least 0, not {self.decoder_steps}")
         for name in ("threads", "n_scenes", "batch", "vae_batch", "decoder_batch", "ckpt_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"Config.{name} must be at least 1, not {getattr(self, name)}")

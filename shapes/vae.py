@@ -142,8 +142,9 @@ def refine_decoder(cfg: Config, vae: AutoencoderKL, blob: dict, path: Path, log:
     for step in range(cfg.decoder_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(cfg.decoder_lr, step, cfg.decoder_steps)
-        batch = range(DECODER_SCENE_SEED + step * cfg.decoder_batch, DECODER_SCENE_SEED + (step + 1) * cfg.decoder_batch)
-        x = to_tensor_images([scenes.training_scene(i, size=cfg.image_size).image for i in batch])
+        first = DECODER_SCENE_SEED + step * cfg.decoder_batch
+        seeds = range(first, first + cfg.decoder_batch)
+        x = to_tensor_images([scenes.training_scene(i, size=cfg.image_size).image for i in seeds])
         with torch.no_grad():
             lat = vae.encode(x).latent_dist.mean
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

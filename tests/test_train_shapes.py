@@ -196,6 +196,7 @@ def test_two_runs_of_the_miniature_recipe_give_bit_identical_weights(tmp_path):
         {f: torch.load(tmp_path / n / f, weights_only=False) for f in ("vae.pt", "data.pt", "ckpt.pt")} for n in "ab"
     )
     assert a["ckpt.pt"]["state"]["step"] == b["ckpt.pt"]["state"]["step"] == MINI.steps
+    assert a["vae.pt"]["decoder_steps"] == MINI.decoder_steps  # the decoder refinement is in the compared VAE
     scores = [
         [{k: v for k, v in e.items() if k != "eval_seconds"} for e in x["ckpt.pt"]["state"]["evals"]] for x in (a, b)
     ]
@@ -216,7 +217,17 @@ def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys)
     from stepx.cli import main
 
     work = tmp_path / "work"
-    for bad in ("nosuchfield=1", "batch=abc", "batch=1.5", "bf16=1", "curriculum=3", "steps=0", "lr", "lr_final=-3"):
+    for bad in (
+        "nosuchfield=1",
+        "batch=abc",
+        "batch=1.5",
+        "bf16=1",
+        "curriculum=3",
+        "steps=0",
+        "lr",
+        "lr_final=-3",
+        "decoder_steps=-1",
+    ):
         assert main(["train-shapes", "--work", str(work), "--set", bad]) == 2, bad
         err = capsys.readouterr().err.strip()
         assert err.startswith("stepx train-shapes: --set") or err.startswith("stepx train-shapes: Config."), err
