@@ -189,7 +189,7 @@ def write_card(
         "card_start": CARD_START,
         "card_end": CARD_END,
         "card_path": out / "README.md",
-        "vae_shape_kept": f"{vae_shape_kept(vae):.0%}",
+        "vae_shape_kept": f"{vae_shape_kept(vae):.1%}",
     }
     text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
     text = re.sub(r"\n{3,}", "\n\n", text)  # an empty history leaves no gap

@@ -166,8 +166,22 @@ def time_generation(
     runs: int = 3,
     prompt: str = TIMING_PROMPT,
     sample_path: Path | None = None,
+    threads: int = 2,
 ) -> dict[str, Any]:
-    """Median wall time of a 20-step pipeline call on the saved model (after one warm-up)."""
+    """Median wall time of a 20-step pipeline call on the saved model (after one warm-up), on `threads` threads:
+    the two cores the README quotes, whatever thread count the training run used."""
+    trained_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_generation(model_dir, guidance, runs, prompt, sample_path)
+    finally:
+        torch.set_num_threads(trained_threads)
+
+
+def _time_generation(
+    model_dir: Path, guidance: float, runs: int, prompt: str, sample_path: Path | None
+) -> dict[str, Any]:
+    """`time_generation` at the current thread count."""
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     times = []
