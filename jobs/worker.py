@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,46 +116,45 @@ def run_probe_job(store: Path, job: queue.Job, device: str | None) -> None:
     """Probe an existing run (`jobs.probe`); a run that doesn't reproduce fails the job with the reason."""
     from jobs.probe import probe_run
     from pipeline.generate import GenerationError
-    from pipeline.models import ModelNotFoundError
-    from store import StoreError
 
     req = job.request
-    try:
-        if not queue.progress(store, job, 0, 1):
-            queue.finish(store, job, error="cancelled before it started", cancelled=True)
-            return
-        probe_run(store, req["run_id"], list(req["words"]), device)
-    except (GenerationError, ModelNotFoundError, FileNotFoundError, ValueError, StoreError) as exc:
-        queue.finish(store, job, error=str(exc))
-        return
-    except Exception as exc:  # noqa: BLE001 - the worker keeps serving
-        queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
-        return
-    queue.progress(store, job, 1, 1)
-    queue.finish(store, job, run_id=req["run_id"])
+    _run_on_stored_run(store, job, lambda: probe_run(store, req["run_id"], list(req["words"]), device), GenerationError)
 
 
 def run_depth_job(store: Path, job: queue.Job) -> None:
     """Estimate depth for an existing run (the store checks its id against the index first)."""
     from jobs.depth import depth_for_run
     from pipeline.depth import load_depth_model
+    from store import Store
+
+    run_id, model = job.request["run_id"], job.request.get("depth_model", "zoedepth")
+
+    def work() -> None:
+        Store(store).run(run_id)  # a missing run fails in one line before any depth model loads
+        depth_for_run(store, run_id, load_depth_model(model))
+
+    _run_on_stored_run(store, job, work)
+
+
+def _run_on_stored_run(store: Path, job: queue.Job, work: Callable[[], object], *expected: type[Exception]) -> None:
+    """The shell of a job on a stored run: cancel check, `work`, progress; a failure ends the job with one line
+    (the message alone for the expected kinds, the exception's type too otherwise) and the worker serves on."""
     from pipeline.models import ModelNotFoundError
     from store import StoreError
 
-    req = job.request
     try:
         if not queue.progress(store, job, 0, 1):
             queue.finish(store, job, error="cancelled before it started", cancelled=True)
             return
-        depth_for_run(store, req["run_id"], load_depth_model(req.get("depth_model", "zoedepth")))
-    except (ModelNotFoundError, FileNotFoundError, ValueError, StoreError) as exc:
+        work()
+    except (ModelNotFoundError, FileNotFoundError, ValueError, StoreError, *expected) as exc:
         queue.finish(store, job, error=str(exc))
         return
     except Exception as exc:  # noqa: BLE001 - the worker keeps serving
         queue.finish(store, job, error=f"{type(exc).__name__}: {exc}")
         return
     queue.progress(store, job, 1, 1)
-    queue.finish(store, job, run_id=req["run_id"])
+    queue.finish(store, job, run_id=job.request["run_id"])
 
 
 def serve(store: Path, once: bool = False, poll_s: float = 0.5, device: str | None = None) -> int:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from pipeline.grids import plan_grids as plan_grids
 from pipeline.observe import CaptureAttnProcessor, CaptureError, wrap_processor
 from pipeline.trace import StepRecord
 from schema.maps import halve as halve
+
+T = TypeVar("T")
 
 PENDING_BYTES = 64 * 2**20  # queued layers are softmaxed once their scores would exceed this
 
@@ -312,6 +315,15 @@ class UnetCapture:
                 self._wrapped[name].remove()
             self._originals, self._wrapped = {}, {}
         return recorders
+
+    def around(self, call: Callable[[], T]) -> tuple[T, list[AttentionRecorder]]:
+        """Run one pipeline call under the capture: (its result, the finished recorders); hooks removed after."""
+        self.attach()
+        try:
+            result = call()
+            return result, self.end()
+        finally:
+            self.detach()
 
     def detach(self) -> None:
         """Remove the UNet hooks and any wrappers still installed."""

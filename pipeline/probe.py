@@ -179,12 +179,7 @@ def compute_probes(
         ]
 
     capture = ProbeCapture(pipe, embeds, start)
-    capture.attach()
-    try:
-        final = run_pipeline(model, cfg)
-        recorders = capture.end()
-    finally:
-        capture.detach()
+    final, recorders = capture.around(lambda: run_pipeline(model, cfg))
     final = np.asarray(final)
     if final.shape != stored_final.shape or not np.array_equal(final, stored_final):
         diff = int((final != stored_final).any(axis=-1).sum()) if final.shape == stored_final.shape else -1

@@ -123,12 +123,7 @@ def record_queries(model: LoadedModel, cfg: GenerationConfig) -> Queries:
         return [AttentionRecorder(plan)]
 
     capture = ProbeCapture(pipe, [dummy], start, keep_queries=True)
-    capture.attach()
-    try:
-        image = run_pipeline(model, cfg)
-        recorders = capture.end()
-    finally:
-        capture.detach()
+    image, recorders = capture.around(lambda: run_pipeline(model, cfg))
     per_layer: dict[str, list[torch.Tensor]] = {}
     layers: dict[str, tuple[tuple[int, int], float]] = {}
     for _step, name, level, query, scale in capture.queries:

@@ -346,3 +346,25 @@ def test_heartbeat_during_a_long_step_and_cancel_stops_the_job(tmp_path):
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(30)
+
+
+def test_jobs_on_a_stored_run_end_in_one_line_when_the_run_is_missing(tmp_path):
+    """Probe and depth jobs share one shell (`worker._run_on_stored_run`): a run the store lacks ends the job with
+    the store's one-line reason, a job cancelled before it starts never runs, and the queue serves on."""
+    from jobs import worker
+
+    run_id = "20260101-000000-abcdef"
+    probe = queue.submit(tmp_path, {"kind": "probe", "run_id": run_id, "words": ["dog"]})
+    depth = queue.submit(tmp_path, {"kind": "depth", "run_id": run_id})
+    for expected in (probe, depth):
+        job = queue.claim(tmp_path)
+        assert job.job_id == expected
+        worker.run_job(tmp_path, job, {}, "cpu")
+        done = queue.get(tmp_path, expected)
+        assert done.status == "failed" and run_id in done.error and len(done.error.splitlines()) == 1, done.error
+        assert "Traceback" not in done.error
+    cancelled = queue.submit(tmp_path, {"kind": "depth", "run_id": run_id})
+    job = queue.claim(tmp_path)
+    queue.cancel(tmp_path, cancelled)
+    worker.run_job(tmp_path, job, {}, "cpu")
+    assert queue.get(tmp_path, cancelled).status == "cancelled"
