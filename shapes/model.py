@@ -123,8 +123,11 @@ def export_problem(cfg: Config) -> str | None:
         return None
     folder = Path(cfg.init_from)
     transformers_logging.disable_progress_bar()  # the refusal is one line on stderr
-    parts = {"vae": (AutoencoderKL, make_vae), "text_encoder": (CLIPTextModel, make_text_encoder)}
-    parts["unet"] = (UNet2DConditionModel, make_unet)
+    parts = {
+        "vae": (AutoencoderKL, make_vae),
+        "text_encoder": (CLIPTextModel, make_text_encoder),
+        "unet": (UNet2DConditionModel, make_unet),
+    }
     for name, (cls, make) in parts.items():
         try:
             make(cfg).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
