@@ -66,21 +66,30 @@ def schedule_text(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def continuation_text(cfg: Config, state: TrainState, work: Path) -> str:
+def refined_here(vae_blob: dict[str, Any]) -> bool:
+    """Whether this run refined the VAE's decoder (rather than inheriting a refined or unrefined one)."""
+    return "decoder_seconds" in vae_blob
+
+
+def continuation_text(cfg: Config, state: TrainState, work: Path, vae_blob: dict[str, Any]) -> str:
     """For a run that continued exported weights (`init_from`): which weights, and what this run changed."""
     if not cfg.init_from:
         return ""
     digest = json.loads((work / "init.json").read_text(encoding="utf-8"))["sha256"]
+    theirs = f"earlier weights (weight files' SHA-256 {digest}; the history below is theirs)"
     if not state.step:
-        return (
-            f"These are earlier weights (weight files' SHA-256 {digest}; the history below is theirs) with only "
-            "the VAE's decoder refined (Recipe, VAE): their text encoder, UNet and latents are unchanged. "
-        )
+        if refined_here(vae_blob):
+            return (
+                f"These are {theirs} with only the VAE's decoder refined (Recipe, VAE): their text encoder, UNet "
+                "and latents are unchanged. "
+            )
+        return f"These are {theirs}, exported unchanged. "
+    vae = "its decoder refined (Recipe, VAE)" if refined_here(vae_blob) else "unchanged"
     return (
-        f"These weights continue earlier weights (weight files' SHA-256 {digest}; the history below is theirs) "
-        f"for {state.step} steps of the recipe with every term on from the start, no curriculum, shape twins "
-        f"weighted {cfg.shape_contrast_weight}, and the learning rate annealed by a cosine from {cfg.lr} to "
-        f"{cfg.lr * cfg.lr_final:.2g} (`lr_final` = {cfg.lr_final}); the VAE is the one they began with. "
+        f"These weights continue {theirs} for {state.step} steps of the recipe with every term on from the start, "
+        f"no curriculum, shape twins weighted {cfg.shape_contrast_weight}, and the learning rate annealed by a "
+        f"cosine from {cfg.lr} to {cfg.lr * cfg.lr_final:.2g} (`lr_final` = {cfg.lr_final}); the VAE is the one "
+        f"they began with, {vae}. "
     )
 
 
@@ -88,12 +97,26 @@ def decoder_text(cfg: Config, vae_blob: dict[str, Any]) -> str:
     """The VAE's second stage, as the card tells it ("" when the decoder was not refined)."""
     if not vae_blob.get("decoder_steps"):
         return ""
+    if not refined_here(vae_blob):
+        return (
+            f"then the decoder alone refined for {vae_blob['decoder_steps']} steps on whole scenes with the "
+            "encoder frozen, in the weights this run continues; "
+        )
     return (
         f"then the decoder alone refined on whole scenes with the encoder frozen (so no latent moved), "
         f"{vae_blob['decoder_steps']} steps of batch {cfg.decoder_batch}, lr {cfg.decoder_lr} cosine-decayed to "
         f"10% ({vae_blob['decoder_seconds'] / 60:.1f} min): objects whose shape survives a round trip "
         f"{vae_blob['shape_kept_before_decoder']:.1%} -> {vae_blob['shape_kept']:.1%}; "
     )
+
+
+def schedule_section(cfg: Config, state: TrainState) -> str:
+    """When each term was on in this run, or why this run has no schedule of its own."""
+    if cfg.init_from and not state.step:
+        return (
+            "This run trained no denoiser steps; the history below tells when each term was on in the run it continues."
+        )
+    return "When each term was on in this run:\n\n" + schedule_text(cfg)
 
 
 def trained_text(cfg: Config, state: TrainState) -> str:
@@ -140,10 +163,13 @@ def write_card(
         f"{r['miou_daam']:.3f} | {r['miou_otsu']:.3f} | {r['miou_uniform']:.3f} |"
         for r in sweep
     )
-    eval_rows = "\n".join(
-        f"| {e['step']} | {e['objects_correct']:.3f} | {_score(e, 'shape_ok')} | {e['miou_daam']:.3f} "
-        f"| {e['miou_otsu']:.3f} |"
-        for e in state.evals
+    eval_rows = (
+        "\n".join(
+            f"| {e['step']} | {e['objects_correct']:.3f} | {_score(e, 'shape_ok')} | {e['miou_daam']:.3f} "
+            f"| {e['miou_otsu']:.3f} |"
+            for e in state.evals
+        )
+        or "| none in this run | | | | |"
     )
     device = f"{cpu_name()} CPU ({os.cpu_count()} cores)"
     if torch.cuda.is_available():
@@ -171,12 +197,17 @@ def write_card(
         "bf16": "on" if cfg.bf16 else "off",
         "curriculum_1": cfg.curriculum[0],
         "curriculum_2": cfg.curriculum[1],
-        "schedule": schedule_text(cfg),
+        "schedule": schedule_section(cfg, state),
+        "steps_text": f"{cfg.steps} steps"
+        if cfg.steps
+        else "no steps in this run (the history tells the run it continues)",
         "trained": trained_text(cfg, state),
+        "threads_text": "1 torch thread" if cfg.threads == 1 else f"{cfg.threads} torch threads",
         "decoder": decoder_text(cfg, vae_blob),
+        "vae_decoder_steps": int(vae_blob.get("decoder_steps", 0)),
         "device": device,
         "torch_version": torch.__version__,
-        "continuation": continuation_text(cfg, state, work),
+        "continuation": continuation_text(cfg, state, work, vae_blob),
         "history": HISTORY.read_text(encoding="utf-8").strip() if is_committed_schedule(cfg) or cfg.init_from else "",
         "sweep_prompts": sweep[0]["prompts"] if sweep else 0,
         "sweep_rows": sweep_rows,
@@ -189,7 +220,7 @@ def write_card(
         "card_start": CARD_START,
         "card_end": CARD_END,
         "card_path": out / "README.md",
-        "vae_shape_kept": f"{vae_shape_kept(vae):.1%}",
+        "vae_shape_kept": f"{vae_blob['shape_kept'] if 'shape_kept' in vae_blob else vae_shape_kept(vae):.1%}",
     }
     text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
     text = re.sub(r"\n{3,}", "\n\n", text)  # an empty history leaves no gap

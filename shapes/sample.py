@@ -25,7 +25,7 @@ from shapes.check import check_objects
 from shapes.config import Config, TrainState
 from shapes.losses import AttentionStore, install_recorder
 from shapes.model import make_sample_scheduler, make_text_encoder, make_tokenizer, make_unet, make_vae
-from shapes.util import Logger, to_uint8_images
+from shapes.util import Logger, to_uint8_images, torch_threads
 
 SWEEP_GUIDANCE = (1.5, 2.0, 3.0, 4.0)  # the export picks the card's default guidance among these
 SWEEP_PROMPTS = 48
@@ -170,37 +170,26 @@ def time_generation(
 ) -> dict[str, Any]:
     """Median wall time of a 20-step pipeline call on the saved model (after one warm-up), on `threads` threads:
     the two cores the README quotes, whatever thread count the training run used."""
-    trained_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _time_generation(model_dir, guidance, runs, prompt, sample_path)
-    finally:
-        torch.set_num_threads(trained_threads)
-
-
-def _time_generation(
-    model_dir: Path, guidance: float, runs: int, prompt: str, sample_path: Path | None
-) -> dict[str, Any]:
-    """`time_generation` at the current thread count."""
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    times = []
-    image = None
-    for i in range(runs + 1):
-        gen = torch.Generator().manual_seed(i)
-        t0 = time.perf_counter()
-        image = pipe(prompt, num_inference_steps=20, guidance_scale=guidance, generator=gen).images[0]
-        if i:
-            times.append(time.perf_counter() - t0)
-    if sample_path is not None and image is not None:
-        image.resize((256, 256)).save(sample_path)
-    return {
-        "seconds": float(np.median(times)),
-        "runs": runs,
-        "steps": 20,
-        "threads": torch.get_num_threads(),
-        "prompt": prompt,
-    }
+    with torch_threads(threads):
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        times = []
+        image = None
+        for i in range(runs + 1):
+            gen = torch.Generator().manual_seed(i)
+            t0 = time.perf_counter()
+            image = pipe(prompt, num_inference_steps=20, guidance_scale=guidance, generator=gen).images[0]
+            if i:
+                times.append(time.perf_counter() - t0)
+        if sample_path is not None and image is not None:
+            image.resize((256, 256)).save(sample_path)
+        return {
+            "seconds": float(np.median(times)),
+            "runs": runs,
+            "steps": 20,
+            "threads": torch.get_num_threads(),
+            "prompt": prompt,
+        }
 
 
 def sweep_rank(res: dict[str, Any]) -> tuple[float, float, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,26 @@ def to_tensor_images(batch: list[np.ndarray]) -> torch.Tensor:
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """Float NCHW in [-1, 1] (a VAE decode) -> uint8 NHWC numpy images."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def card_front_matter(folder: Path) -> dict[str, str]:
+    """The `key: value` lines between the `---` fences at the top of an exported model's README.md ({} if none)."""
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    if not text.startswith("---"):
+        return {}
+    lines = text.split("---", 2)[1].strip().splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block on `n` torch threads, then restore the count the run was using."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -639,3 +639,20 @@ def test_readme_scale_figures_are_the_recorded_bench():
     ]
     for figure in expected:
         assert figure in text, f"README's scale table lacks the recorded {figure!r}"
+
+
+def test_readme_decoder_figures_are_the_recorded_side_by_side_run():
+    """README: the decoder refinement's validation figures are bench/decoder.json's (both decoders, one run)."""
+    rec = json.loads((ROOT / "bench" / "decoder.json").read_text())
+    assert rec["split"] == "validation"
+    num = r"([\d.]+%?)"
+    found = re.search(
+        rf"right shape {num} -> {num}, shape-noun mIoU {num} -> {num} \((\d+) prompts, guidance ([\d.]+)\)", FLAT
+    )
+    assert found, "README's decoder sentence not found"
+    before, after = rec["before"], rec["committed"]
+    figures = [before["shape_ok"], after["shape_ok"], before["miou_daam"], after["miou_daam"]]
+    for shown, value in zip(found.groups()[:4], figures, strict=True):
+        assert _close(shown, value, shown.endswith("%")), (shown, value)
+    assert int(found.group(5)) == rec["n"] == before["prompts"] and float(found.group(6)) == rec["guidance"]
+    assert after["shape_ok"] > before["shape_ok"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, fields, replace
@@ -93,8 +94,9 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
     assert trace.max_sum_error < 1e-4
     assert [t.word for t in trace.tokens if t.kind == "word"][:4] == ["a", "red", "circle", "on"]
 
-    # A continuation (`--set init_from=...`) starts from the exported weights. Its VAE is theirs with the
-    # decoder refined: the encoder, so every latent the denoiser learned, is unchanged.
+    # A continuation (`--set init_from=...`) starts from the exported weights, VAE included: this export's
+    # decoder was refined (its card says how long), so it is not refined again.
+    assert "vae_decoder_steps: 2" in card and "then the decoder alone refined on whole scenes" in card
     more = tmp_path / "more"
     more.mkdir()
     cont = Trainer(replace(MINI, init_from=str(out)), more, Logger(more / "log.txt"))
@@ -102,31 +104,51 @@ def test_train_resume_and_export_a_traceable_pipeline(tmp_path, monkeypatch):
         (cont.unet, pipe.unet),
         (cont.ema_unet, pipe.unet),
         (cont.text, pipe.text_encoder),
-        (cont.vae.encoder, pipe.vae.encoder),
-        (cont.vae.quant_conv, pipe.vae.quant_conv),
+        (cont.vae, pipe.vae),
     ):
-        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y.to(x.dtype))
-    decoders = zip(cont.vae.decoder.state_dict().values(), pipe.vae.decoder.state_dict().values(), strict=True)
-    assert not all(torch.equal(x, y) for x, y in decoders)  # refined for MINI.decoder_steps
+        _assert_same_weights(a, b)
     assert cont.sf == pipe.vae.config.scaling_factor and cont.run(minutes=5)
     sample.export(cont, more / "model", log, final_eval=False)
     card = (more / "model" / "README.md").read_text()
     assert f"SHA-256 {json.loads((more / 'init.json').read_text())['sha256']}" in card
     assert "History of the committed weights" in card and "kept from the weights this run continues" in card
-    assert "then the decoder alone refined on whole scenes with the encoder frozen" in card
+    assert "in the weights this run continues;" in card and "they began with, unchanged" in card
 
-    # A continuation of 0 denoiser steps refines the decoder only: no training data, the denoiser exported as is.
+    # From an export made before the decoder stage existed (its card records no refinement), a continuation of
+    # 0 denoiser steps refines the decoder only: encoder (so every latent) and denoiser as they were, no data.
+    old = tmp_path / "old-export"
+    shutil.copytree(out, old)
+    (old / "README.md").write_text(card.replace("vae_decoder_steps: 2", "vae_decoder_steps: 0"))
     only = tmp_path / "decoder-only"
     only.mkdir()
-    dec = Trainer(replace(MINI, init_from=str(out), steps=0), only, Logger(only / "log.txt"))
+    dec = Trainer(replace(MINI, init_from=str(old), steps=0), only, Logger(only / "log.txt"))
     assert dec.run(minutes=5) and dec.state.step == 0 and not (only / "data.pt").exists()
     sample.export(dec, only / "model", log, final_eval=False)
     refined = StableDiffusionPipeline.from_pretrained(only / "model", local_files_only=True, dtype=torch.float32)
-    for x, y in zip(refined.unet.parameters(), pipe.unet.parameters(), strict=True):
-        assert torch.equal(x, y)
+    for a, b in ((refined.unet, pipe.unet), (refined.vae.encoder, pipe.vae.encoder)):
+        _assert_same_weights(a, b)
+    decoders = zip(refined.vae.decoder.parameters(), pipe.vae.decoder.parameters(), strict=True)
+    assert not all(torch.equal(x, y) for x, y in decoders)  # refined for MINI.decoder_steps
     card = (only / "model" / "README.md").read_text()
-    assert "with only the VAE's decoder refined" in card and "No denoiser steps in this run" in card and "$" not in card
+    assert "with only the VAE's decoder refined" in card and "No denoiser steps in this run" in card
+    assert "vae_decoder_steps: 2" in card and "| none in this run |" in card and "$" not in card
+
+    # Continuing that refined export once more refines nothing: the decoder is refined once.
+    again = tmp_path / "again"
+    again.mkdir()
+    twice = Trainer(replace(MINI, init_from=str(only / "model"), steps=0), again, Logger(again / "log.txt"))
+    _assert_same_weights(twice.vae, refined.vae)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y.to(x.dtype))
+
+
+def test_a_config_from_before_the_decoder_stage_refines_nothing():
+    values = json.loads(Config().to_json())
+    del values["decoder_steps"]
+    assert config_from_dict(values).decoder_steps == 0 and Config().decoder_steps > 0
 
 
 def test_learning_rate_is_constant_by_default_and_anneals_to_lr_final():
