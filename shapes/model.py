@@ -17,6 +17,7 @@ from transformers.utils import logging as transformers_logging
 
 from pipeline.tiny import BOS, EOS, clip_tokenizer
 from shapes.config import Config
+from shapes.util import decoder_refinement
 
 CLIP_VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: the model reads real CLIP token ids
 
@@ -122,6 +123,10 @@ def export_problem(cfg: Config) -> str | None:
     if not cfg.init_from:
         return None
     folder = Path(cfg.init_from)
+    try:
+        decoder_refinement(folder)
+    except ValueError as err:
+        return f"init_from={folder}: {err}"
     transformers_logging.disable_progress_bar()  # the refusal is one line on stderr
     parts = {
         "vae": (AutoencoderKL, make_vae),

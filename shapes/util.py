@@ -51,16 +51,25 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def card_front_matter(folder: Path) -> dict[str, str]:
-    """The `key: value` lines between the `---` fences at the top of an exported model's README.md ({} if none)."""
+def decoder_refinement(folder: Path) -> int | None:
+    """Steps an exported VAE's decoder was refined for, from `vae_decoder_steps` in the front matter of the
+    folder's README.md card; None when there is no card or it doesn't say. A value that isn't a count is an
+    error (ValueError, one line): guessing would refine a refined decoder again, or skip an unrefined one."""
     try:
-        text = (folder / "README.md").read_text(encoding="utf-8")
-    except OSError:
-        return {}
-    if not text.startswith("---"):
-        return {}
-    lines = text.split("---", 2)[1].strip().splitlines()
-    return dict(line.split(": ", 1) for line in lines if ": " in line)
+        text = (folder / "README.md").read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / 'README.md'} can't be read ({type(err).__name__})") from None
+    parts = text.split("\n---", 1) if text.startswith("---\n") else []
+    for line in parts[0].splitlines()[1:] if len(parts) == 2 else []:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "vae_decoder_steps":
+            steps = value.strip().strip("\"'")
+            if not steps.isdigit():
+                raise ValueError(f"{folder / 'README.md'}: vae_decoder_steps is {value.strip()[:40]!r}, not a count")
+            return int(steps)
+    return None
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from shapes import scenes
 from shapes.check import check_objects
 from shapes.config import Config
 from shapes.model import make_vae
-from shapes.util import Logger, atomic_save, card_front_matter, to_tensor_images, to_uint8_images
+from shapes.util import Logger, atomic_save, decoder_refinement, to_tensor_images, to_uint8_images
 
 VAE_SCENE_SEED = 10_000_000  # training crops come from scenes 10M + step * batch + i
 VAE_HELDOUT_SEED = 20_000_000  # 256 scenes to measure the finished VAE on
@@ -73,10 +73,11 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
         done = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32).eval()
         l1, recon, _ = measure_vae(cfg, done)
         sf = float(done.config.scaling_factor)  # the latents the denoiser learned, not a re-measured one
-        refined = int(card_front_matter(Path(cfg.init_from)).get("vae_decoder_steps", 0))
+        refined = decoder_refinement(Path(cfg.init_from))  # checked by `export_problem` before anything ran
         blob = {"state": done.state_dict(), "scaling_factor": sf, "l1": l1, "recon_correct": recon, "seconds": 0.0}
-        atomic_save({**blob, "steps": cfg.vae_steps, "from": cfg.init_from, "decoder_steps": refined}, path)
-        log(f"vae: from {cfg.init_from} (scaling_factor {sf:.4f}, decoder refined for {refined} steps)")
+        atomic_save({**blob, "steps": cfg.vae_steps, "from": cfg.init_from, "decoder_steps": refined or 0}, path)
+        told = "its card gives no vae_decoder_steps: treated as never refined" if refined is None else refined
+        log(f"vae: from {cfg.init_from} (scaling_factor {sf:.4f}; decoder refinement steps: {told})")
     if path.exists():
         blob = torch.load(path, weights_only=False, map_location="cpu")
         vae.load_state_dict(blob["state"])

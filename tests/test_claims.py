@@ -656,3 +656,7 @@ def test_readme_decoder_figures_are_the_recorded_side_by_side_run():
         assert _close(shown, value, shown.endswith("%")), (shown, value)
     assert int(found.group(5)) == rec["n"] == before["prompts"] and float(found.group(6)) == rec["guidance"]
     assert after["shape_ok"] > before["shape_ok"]
+    kept = re.search(rf"lost the shape of \d+% of objects \({num} kept\).*?keeps {num} \(held-out", FLAT)
+    assert kept, "README's round-trip sentence not found"
+    for shown, value in zip(kept.groups(), (before["vae_shape_kept"], after["vae_shape_kept"]), strict=True):
+        assert _close(shown, value, True), (shown, value)

@@ -261,7 +261,10 @@ def test_set_rejects_unknown_fields_and_bad_values_in_one_line(tmp_path, capsys)
     # A continuation from something that isn't this recipe's exported pipeline: one line, nothing written.
     (tmp_path / "empty" / "unet").mkdir(parents=True)
     (tmp_path / "file").write_text("x")
-    for folder in (tmp_path / "missing", tmp_path / "file", tmp_path / "empty", ROOT / "data" / "models" / "shapes"):
+    (tmp_path / "card").mkdir()  # a card whose decoder refinement isn't a count: refining again or not is a guess
+    (tmp_path / "card" / "README.md").write_text("---\nvae_decoder_steps: lots\n---\n")
+    folders = ("missing", "file", "empty", "card")
+    for folder in (*(tmp_path / f for f in folders), ROOT / "data" / "models" / "shapes"):
         cmd = ["train-shapes", "--work", str(work), "--set", f"init_from={folder}"]
         assert main([*cmd, *(["text_hidden=64"] if folder.name == "shapes" else [])]) == 2, folder
         err = capsys.readouterr().err.strip()
