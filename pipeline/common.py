@@ -13,7 +13,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from pipeline.trace import TokenInfo
+from pipeline.trace import TokenInfo, run_row
 from schema.version import stepx_version
 
 PREVIEW_MAX_PX = 256  # long side of stored step previews
@@ -85,3 +85,22 @@ def provenance_fields(model: object, cfg: object) -> dict:
         "gallery": cfg.gallery,
         "config_json": json.dumps({**asdict(cfg), "model": model.spec.name, "model_id": model.model_id}),
     }
+
+
+def generated_run_row(model: object, cfg: object, pipe: object, steps: int, **columns: object) -> dict:
+    """The `runs` row of a run `stepx` generated from `cfg` (UNet and DiT alike): a new id, the config's prompt,
+    seed, guidance and size, the scheduler, `provenance_fields`, then the capture's own `columns`."""
+    created = datetime.now(UTC)
+    return run_row(
+        run_id=new_run_id(created),
+        created_at=created,
+        prompt=cfg.prompt,
+        negative_prompt=cfg.negative_prompt,
+        seed=cfg.seed,
+        steps=steps,
+        guidance=cfg.guidance,
+        scheduler=type(pipe.scheduler).__name__,
+        size=(cfg.height, cfg.width),
+        **provenance_fields(model, cfg),
+        **columns,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import torch
 from PIL import Image
@@ -21,12 +20,12 @@ from pipeline.capture import (
     attention_capture,
     plan_grids,
 )
-from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, provenance_fields
+from pipeline.common import PREVIEW_MAX_PX, generated_run_row, prompt_tokens
 from pipeline.common import to_pil as _to_pil
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import provenance
-from pipeline.trace import Trace, run_row
+from pipeline.trace import Trace
 from schema.limits import LimitError, check_generation, check_prompt
 
 
@@ -186,17 +185,11 @@ def generate_trace(
     t1 = time.perf_counter()
     previews = decode_previews(pipe, recorder.x0)
     preview_ms = (time.perf_counter() - t1) * 1000
-    created = datetime.now(UTC)
-    run = run_row(
-        run_id=new_run_id(created),
-        created_at=created,
-        prompt=cfg.prompt,
-        negative_prompt=cfg.negative_prompt,
-        seed=cfg.seed,
-        steps=len(recorder.steps),
-        guidance=cfg.guidance,
-        scheduler=type(pipe.scheduler).__name__,
-        size=(cfg.height, cfg.width),
+    run = generated_run_row(
+        model,
+        cfg,
+        pipe,
+        len(recorder.steps),
         latent=latent,
         self_grid=self_grid,
         step_grid=step_grid,
@@ -205,7 +198,6 @@ def generate_trace(
         denoise_ms=denoise_ms,
         preview_ms=preview_ms,
         total_ms=(time.perf_counter() - t_start) * 1000,
-        **provenance_fields(model, cfg),
         **provenance(pipe),
     )
     return Trace(

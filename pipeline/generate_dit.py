@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from pipeline.capture_dit import DitPlan, DitRecorder, dit_bands, dit_capture, is_flux
-from pipeline.common import PREVIEW_MAX_PX, new_run_id, prompt_tokens, provenance_fields, to_pil
+from pipeline.common import PREVIEW_MAX_PX, generated_run_row, prompt_tokens, to_pil
 from pipeline.concepts import concept_streams, parse_concepts
 from pipeline.models import LoadedModel
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import scheduler_config_json
-from pipeline.trace import TokenInfo, Trace, run_row
+from pipeline.trace import TokenInfo, Trace
 
 CLIP_POSITIONS = 77  # SD3's CLIP part of the text sequence, whatever the prompt
 SHARE_TOKEN = -1  # token_index of the text-share pseudo-token
@@ -200,18 +199,12 @@ def generate_dit_trace(
     t1 = time.perf_counter()
     previews = [to_pil(img, PREVIEW_MAX_PX)[0] for img in decode_dit_previews(pipe, recorder, cfg.height, cfg.width)]
     preview_ms = (time.perf_counter() - t1) * 1000
-    created = datetime.now(UTC)
     band_keys = [(grid[0], grid[1], "band", b.label, i) for i, b in enumerate(bands)]
-    run = run_row(
-        run_id=new_run_id(created),
-        created_at=created,
-        prompt=cfg.prompt,
-        negative_prompt=cfg.negative_prompt,
-        seed=cfg.seed,
-        steps=len(recorder.steps),
-        guidance=cfg.guidance,
-        scheduler=type(pipe.scheduler).__name__,
-        size=(cfg.height, cfg.width),
+    run = generated_run_row(
+        model,
+        cfg,
+        pipe,
+        len(recorder.steps),
         latent=grid,
         self_grid=recorder.self_grid,
         step_grid=recorder.step_grid,
@@ -222,7 +215,6 @@ def generate_dit_trace(
         denoise_ms=denoise_ms,
         preview_ms=preview_ms,
         total_ms=(time.perf_counter() - t_start) * 1000,
-        **provenance_fields(model, cfg),
         pipeline_class=type(pipe).__name__,
         scheduler_config=scheduler_config_json(pipe.scheduler),
     )

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from pipeline.capture import AttentionRecorder, CaptureError, CapturePlan, UnetCapture, plan_grids
-from pipeline.generate import _to_pil, decode_previews, new_run_id, prompt_tokens
+from pipeline.common import new_run_id
+from pipeline.generate import _to_pil, decode_previews, prompt_tokens
 from pipeline.models import module_fingerprint
 from pipeline.nouns import tag_tokens
 from pipeline.provenance import image_sha256, provenance
