@@ -66,6 +66,11 @@ def schedule_text(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def decoder_only(cfg: Config, state: TrainState) -> bool:
+    """Whether this run is a continuation that trained no denoiser step (at most its decoder was refined)."""
+    return bool(cfg.init_from) and not state.step
+
+
 def refined_here(vae_blob: dict[str, Any]) -> bool:
     """Whether this run refined the VAE's decoder (rather than inheriting a refined or unrefined one)."""
     return "decoder_seconds" in vae_blob
@@ -77,7 +82,7 @@ def continuation_text(cfg: Config, state: TrainState, work: Path, vae_blob: dict
         return ""
     digest = json.loads((work / "init.json").read_text(encoding="utf-8"))["sha256"]
     theirs = f"earlier weights (weight files' SHA-256 {digest}; the history below is theirs)"
-    if not state.step:
+    if decoder_only(cfg, state):
         if refined_here(vae_blob):
             return (
                 f"These are {theirs} with only the VAE's decoder refined (Recipe, VAE): their text encoder, UNet "
@@ -112,7 +117,7 @@ def decoder_text(cfg: Config, vae_blob: dict[str, Any]) -> str:
 
 def schedule_section(cfg: Config, state: TrainState) -> str:
     """When each term was on in this run, or why this run has no schedule of its own."""
-    if cfg.init_from and not state.step:
+    if decoder_only(cfg, state):
         return (
             "This run trained no denoiser steps; the history below tells when each term was on in the run it continues."
         )
@@ -121,7 +126,7 @@ def schedule_section(cfg: Config, state: TrainState) -> str:
 
 def trained_text(cfg: Config, state: TrainState) -> str:
     """The denoiser's steps and time in this run."""
-    if cfg.init_from and not state.step:
+    if decoder_only(cfg, state):
         return "No denoiser steps in this run; the decoder refinement ran"
     return f"{state.step} steps, {state.train_seconds / 3600:.2f} h of training"
 

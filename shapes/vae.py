@@ -82,7 +82,7 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
         blob = torch.load(path, weights_only=False, map_location="cpu")
         vae.load_state_dict(blob["state"])
         if cfg.decoder_steps and not blob.get("decoder_steps"):  # the first stage is done, the second is not
-            refine_decoder(cfg, vae.train(), blob, path, log)
+            refine_decoder(cfg, vae, blob, path, log)
         return vae.eval(), float(blob["scaling_factor"])
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
@@ -123,7 +123,7 @@ def train_vae(cfg: Config, work: Path, log: Logger) -> tuple[AutoencoderKL, floa
     }
     atomic_save(blob, path)
     if cfg.decoder_steps:
-        refine_decoder(cfg, vae.train(), blob, path, log)
+        refine_decoder(cfg, vae, blob, path, log)
     return vae.eval(), sf
 
 
